@@ -1,0 +1,41 @@
+//! The control protocol: one JSON request line, one JSON response line, over a Unix
+//! socket (mode 0600) that only root can reach.
+
+use std::path::PathBuf;
+
+use capture::StatsSnapshot;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Unmount and exit; refused while the mount is in use unless `force`.
+    Unmount {
+        force: bool,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(AgentStatus),
+    Unmounted,
+    Error { message: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub version: String,
+    pub pid: u32,
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub socket: PathBuf,
+    pub uptime_secs: f64,
+    pub threads: usize,
+    /// Inodes the kernel currently references.
+    pub inodes: usize,
+    /// Files and directories open through the mount.
+    pub open_handles: usize,
+    pub stats: StatsSnapshot,
+}

@@ -1,0 +1,281 @@
+//! `hotbackup agent`: mount the capture filesystem, serve the control socket, and stay up
+//! until told to stop, refusing to pull the mount from under a running database.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use capture::{MountError, MountOptions, Mounted, PassthroughFs, UnmountError};
+use serde::{Deserialize, Serialize};
+
+use crate::client::SOURCE_PREFIX;
+use crate::control::{AgentStatus, Request, Response};
+
+/// Options of `hotbackup agent`, shared by the command line and config files.
+#[derive(Clone, Debug, clap::Args, Serialize, Deserialize)]
+pub struct AgentOptions {
+    /// The directory that holds the real files.
+    #[arg(long)]
+    pub backing: PathBuf,
+    /// An empty directory where the database will see its files.
+    #[arg(long)]
+    pub mountpoint: PathBuf,
+    /// Control socket path [default: /run/hotbackup/<hash of mountpoint>.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
+    /// On SIGTERM/SIGINT, unmount even if files are still open (lazy detach: the mount
+    /// keeps serving its open files and disappears from the namespace).
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("another agent already answers on {0}; stop it first or pass a different --socket")]
+    SocketInUse(PathBuf),
+    #[error("socket path {0} contains a comma or a newline; choose a plainer --socket path")]
+    BadSocketPath(PathBuf),
+    #[error("could not create the control socket {path}: {error}")]
+    Socket {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("could not install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// The socket path an agent serving `mountpoint` uses unless told otherwise.
+pub fn default_socket(mountpoint: &Path) -> PathBuf {
+    let hash = blake3::hash(mountpoint.as_os_str().as_encoded_bytes());
+    PathBuf::from("/run/hotbackup").join(format!("{}.sock", &hash.to_hex()[..16]))
+}
+
+enum Event {
+    Signal(i32),
+    /// The requester's connection travels along, so that the answer is written before
+    /// the process exits.
+    Unmount {
+        force: bool,
+        reply_to: UnixStream,
+    },
+}
+
+/// Runs the agent until it is stopped; returns after a clean unmount.
+pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
+    let (backing, mountpoint) = capture::mount::check(&options.backing, &options.mountpoint)?;
+    let socket = options
+        .socket
+        .clone()
+        .unwrap_or_else(|| default_socket(&mountpoint));
+    let listener = bind_control_socket(&socket)?;
+    let _socket_file = RemoveOnDrop(socket.clone());
+
+    let mount_options = MountOptions {
+        threads: options.threads,
+        fsname: format!("{SOURCE_PREFIX}{}", socket.display()),
+    };
+    let mut mounted = capture::mount(&backing, &mountpoint, &mount_options)?;
+    let started = Instant::now();
+    tracing::info!(
+        backing = %backing.display(),
+        mountpoint = %mountpoint.display(),
+        socket = %socket.display(),
+        threads = options.threads,
+        "serving"
+    );
+
+    let (events, inbox) = mpsc::channel();
+    watch_signals(events.clone())?;
+    let status = StatusSource {
+        fs: mounted.fs.clone(),
+        mountpoint: mountpoint.clone(),
+        socket: socket.clone(),
+        threads: options.threads,
+        started,
+    };
+    thread::Builder::new()
+        .name("control".into())
+        .spawn(move || serve_control(listener, status, events))
+        .map_err(|e| AgentError::Socket {
+            path: socket.clone(),
+            error: e,
+        })?;
+
+    loop {
+        match inbox.recv_timeout(Duration::from_millis(250)) {
+            Ok(Event::Signal(sig)) => {
+                tracing::info!(signal = sig, "asked to stop");
+                match try_unmount(&mut mounted, options.force) {
+                    Ok(()) => break,
+                    Err(e) => tracing::error!("not stopping: {e}; still serving"),
+                }
+            }
+            Ok(Event::Unmount { force, reply_to }) => match try_unmount(&mut mounted, force) {
+                Ok(()) => {
+                    let _ = send(&reply_to, &Response::Unmounted);
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!("not unmounting: {e}; still serving");
+                    let _ = send(
+                        &reply_to,
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    );
+                }
+            },
+            Err(RecvTimeoutError::Timeout) => {
+                if mounted.is_finished() {
+                    tracing::warn!("the mount was removed from outside the agent; exiting");
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if !mounted.is_finished() {
+        tracing::info!("waiting for the last open files on the detached mount to close");
+    }
+    mounted.join();
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    Ok(())
+}
+
+fn try_unmount(mounted: &mut Mounted, force: bool) -> Result<(), UnmountError> {
+    let r = mounted.unmount(force);
+    if r.is_ok() && force {
+        tracing::info!("unmounted (forced: lazily detached if it was in use)");
+    }
+    r
+}
+
+struct StatusSource {
+    fs: Arc<PassthroughFs>,
+    mountpoint: PathBuf,
+    socket: PathBuf,
+    threads: usize,
+    started: Instant,
+}
+
+impl StatusSource {
+    fn status(&self) -> AgentStatus {
+        AgentStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            backing: self.fs.backing().to_path_buf(),
+            mountpoint: self.mountpoint.clone(),
+            socket: self.socket.clone(),
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            threads: self.threads,
+            inodes: self.fs.inodes().len(),
+            open_handles: self.fs.open_handles(),
+            stats: self.fs.stats.snapshot(),
+        }
+    }
+}
+
+/// Binds the control socket (mode 0600), refusing when another agent answers on it and
+/// replacing a stale file left by an agent that died.
+fn bind_control_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let text = path.as_os_str().as_encoded_bytes();
+    if text.contains(&b',') || text.contains(&b'\n') {
+        return Err(AgentError::BadSocketPath(path.into()));
+    }
+    let sock_err = |error| AgentError::Socket {
+        path: path.into(),
+        error,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(AgentError::SocketInUse(path.into()));
+        }
+        std::fs::remove_file(path).map_err(sock_err)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(sock_err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn watch_signals(events: Sender<Event>) -> Result<(), AgentError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(AgentError::Signals)?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if sig == SIGHUP {
+                    // A closed terminal must not take the database's files away.
+                    continue;
+                }
+                if events.send(Event::Signal(sig)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(AgentError::Signals)?;
+    Ok(())
+}
+
+fn serve_control(listener: UnixListener, status: StatusSource, events: Sender<Event>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        // Requests are small and rare; serving them one by one keeps the agent simple.
+        if let Err(e) = answer(stream, &status, &events) {
+            tracing::debug!(error = %e, "control connection failed");
+        }
+    }
+}
+
+fn answer(
+    stream: UnixStream,
+    status: &StatusSource,
+    events: &Sender<Event>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) => Response::Status(status.status()),
+        Ok(Request::Unmount { force }) => {
+            let _ = events.send(Event::Unmount {
+                force,
+                reply_to: stream,
+            });
+            return Ok(());
+        }
+        Err(e) => Response::Error {
+            message: format!("bad request: {e}"),
+        },
+    };
+    send(&stream, &response)
+}
+
+fn send(stream: &UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_string(response).expect("responses serialize");
+    out.push('\n');
+    let mut writer = stream;
+    writer.write_all(out.as_bytes())
+}

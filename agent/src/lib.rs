@@ -1,0 +1,10 @@
+//! The hotbackup agent: serves the capture filesystem, answers on a control socket, and
+//! (in later layers) coordinates backups. `cli` only parses and renders; this decides.
+
+pub mod client;
+pub mod control;
+pub mod daemon;
+
+pub use client::{AgentAddress, ClientError};
+pub use control::{AgentStatus, Request, Response};
+pub use daemon::{AgentError, AgentOptions, run_agent};

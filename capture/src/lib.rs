@@ -1,0 +1,14 @@
+//! The capture filesystem: a FUSE passthrough over a backing directory that a database
+//! lives on (and, in later layers, the capture engine that copies it while it runs).
+
+pub mod fs;
+pub mod fuse;
+pub mod inode;
+pub mod mount;
+pub mod mountinfo;
+pub mod stats;
+pub mod sys;
+
+pub use fs::{FsError, PassthroughFs};
+pub use mount::{MountError, MountOptions, Mounted, UnmountError, mount};
+pub use stats::StatsSnapshot;

@@ -1,0 +1,254 @@
+//! Mounting the passthrough: the checks that refuse a bad setup before anything changes,
+//! the fuser session, and unmounting that refuses while the mount is still in use.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+
+use crate::fs::PassthroughFs;
+use crate::fuse::FuseAdapter;
+use crate::mountinfo;
+
+/// Why a mount was refused; every message names the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("backing directory {0} does not exist; create it or pass the right --backing")]
+    BackingMissing(PathBuf),
+    #[error(
+        "backing path {0} is not a directory; --backing must name the directory that holds the data"
+    )]
+    BackingNotDirectory(PathBuf),
+    #[error("mountpoint {0} does not exist; create an empty directory there")]
+    MountpointMissing(PathBuf),
+    #[error("mountpoint {0} is not a directory; pass an empty directory as --mountpoint")]
+    MountpointNotDirectory(PathBuf),
+    #[error(
+        "mountpoint {0} is not empty; the data belongs in the backing directory, mount on an empty directory"
+    )]
+    MountpointNotEmpty(PathBuf),
+    #[error(
+        "{0} is already a mountpoint ({1}); if another agent serves it, see `hotbackup status --mountpoint {0}`, otherwise unmount it first"
+    )]
+    AlreadyMounted(PathBuf, String),
+    #[error(
+        "mountpoint {mountpoint} and backing directory {backing} overlap; they must be separate directories, neither inside the other"
+    )]
+    Overlap {
+        mountpoint: PathBuf,
+        backing: PathBuf,
+    },
+    #[error(
+        "no /dev/fuse on this machine; load the fuse module (`modprobe fuse`) or give the container the device"
+    )]
+    NoFuseDevice,
+    #[error("not permitted to use FUSE ({0}); run the agent as root")]
+    NotPermitted(String),
+    #[error("could not mount {mountpoint}: {error}")]
+    Mount {
+        mountpoint: PathBuf,
+        error: io::Error,
+    },
+    #[error("could not open backing directory {path}: {error}")]
+    Backing { path: PathBuf, error: io::Error },
+}
+
+/// Why an unmount did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UnmountError {
+    #[error(
+        "{mountpoint} is still in use ({open_files} files open through it); stop the database (or whatever uses it) first, or force a lazy unmount"
+    )]
+    Busy {
+        mountpoint: PathBuf,
+        open_files: usize,
+    },
+    #[error("could not unmount {mountpoint}: {error}")]
+    Failed {
+        mountpoint: PathBuf,
+        error: nix::errno::Errno,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Threads reading requests from the kernel, each on its own cloned /dev/fuse fd.
+    pub threads: usize,
+    /// What the mount table shows as the mount's source.
+    pub fsname: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 8,
+            fsname: "hotbackup".into(),
+        }
+    }
+}
+
+/// Canonical (backing, mountpoint) after every refusal check has passed.
+pub fn check(backing: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), MountError> {
+    let backing_meta = fs::metadata(backing).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => MountError::BackingMissing(backing.into()),
+        _ => MountError::Backing {
+            path: backing.into(),
+            error: e,
+        },
+    })?;
+    if !backing_meta.is_dir() {
+        return Err(MountError::BackingNotDirectory(backing.into()));
+    }
+    let mp_meta = fs::metadata(mountpoint).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => MountError::MountpointMissing(mountpoint.into()),
+        _ => MountError::Mount {
+            mountpoint: mountpoint.into(),
+            error: e,
+        },
+    })?;
+    if !mp_meta.is_dir() {
+        return Err(MountError::MountpointNotDirectory(mountpoint.into()));
+    }
+    let backing = fs::canonicalize(backing).map_err(|e| MountError::Backing {
+        path: backing.into(),
+        error: e,
+    })?;
+    let mountpoint = fs::canonicalize(mountpoint).map_err(|e| MountError::Mount {
+        mountpoint: mountpoint.into(),
+        error: e,
+    })?;
+    if backing.starts_with(&mountpoint) || mountpoint.starts_with(&backing) {
+        return Err(MountError::Overlap {
+            mountpoint,
+            backing,
+        });
+    }
+    if let Some(existing) = mountinfo::mount_at(&mountpoint) {
+        return Err(MountError::AlreadyMounted(
+            mountpoint,
+            format!("{} from {}", existing.fstype, existing.source),
+        ));
+    }
+    let not_empty = fs::read_dir(&mountpoint)
+        .map_err(|e| MountError::Mount {
+            mountpoint: mountpoint.clone(),
+            error: e,
+        })?
+        .next()
+        .is_some();
+    if not_empty {
+        return Err(MountError::MountpointNotEmpty(mountpoint));
+    }
+    match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MountError::NoFuseDevice),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            return Err(MountError::NotPermitted(format!("/dev/fuse: {e}")));
+        }
+        Err(e) => {
+            return Err(MountError::Mount {
+                mountpoint,
+                error: e,
+            });
+        }
+    }
+    Ok((backing, mountpoint))
+}
+
+/// A served mount. Dropping it without `unmount` leaves the kernel to clean up when the
+/// process exits (the mount then fails with ENOTCONN), so callers unmount explicitly.
+pub struct Mounted {
+    pub fs: Arc<PassthroughFs>,
+    pub mountpoint: PathBuf,
+    session: Option<BackgroundSession>,
+}
+
+/// Mounts `backing` at `mountpoint` and serves it from background threads.
+pub fn mount(
+    backing: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<Mounted, MountError> {
+    let (backing, mountpoint) = check(backing, mountpoint)?;
+    let fs = Arc::new(
+        PassthroughFs::new(&backing).map_err(|e| MountError::Backing {
+            path: backing.clone(),
+            error: e,
+        })?,
+    );
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(options.fsname.clone()),
+        MountOption::Subtype("hotbackup".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(options.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(FuseAdapter::new(fs.clone()), &mountpoint, &config).map_err(
+        |e| match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => MountError::NotPermitted(e.to_string()),
+            _ => MountError::Mount {
+                mountpoint: mountpoint.clone(),
+                error: e,
+            },
+        },
+    )?;
+    Ok(Mounted {
+        fs,
+        mountpoint,
+        session: Some(session),
+    })
+}
+
+impl Mounted {
+    /// Takes the mount away. A mount still in use is refused (and keeps serving) unless
+    /// `force`, which detaches it lazily: it disappears from the namespace at once and is
+    /// served until its last user closes. Call `join` afterwards to wait for that.
+    pub fn unmount(&mut self, force: bool) -> Result<(), UnmountError> {
+        use nix::mount::{MntFlags, umount2};
+        match umount2(&self.mountpoint, MntFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EBUSY) if force => {
+                umount2(&self.mountpoint, MntFlags::MNT_DETACH).map_err(|error| {
+                    UnmountError::Failed {
+                        mountpoint: self.mountpoint.clone(),
+                        error,
+                    }
+                })
+            }
+            Err(nix::errno::Errno::EBUSY) => Err(UnmountError::Busy {
+                mountpoint: self.mountpoint.clone(),
+                open_files: self.fs.open_handles(),
+            }),
+            // Someone unmounted it already (fusermount3 -u): just wind down.
+            Err(nix::errno::Errno::EINVAL) if mountinfo::mount_at(&self.mountpoint).is_none() => {
+                Ok(())
+            }
+            Err(error) => Err(UnmountError::Failed {
+                mountpoint: self.mountpoint.clone(),
+                error,
+            }),
+        }
+    }
+
+    /// Waits for the serving threads to end (after an unmount from anywhere).
+    pub fn join(&mut self) {
+        if let Some(Err(e)) = self.session.take().map(|s| s.join()) {
+            tracing::warn!(error = %e, "FUSE session ended with an error");
+        }
+    }
+
+    /// True once the serving threads have stopped (the mount was taken away).
+    pub fn is_finished(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+}

@@ -1,0 +1,121 @@
+//! Operation and byte counters of a mounted filesystem, cheap enough for every request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+macro_rules! ops {
+    ($($name:ident),* $(,)?) => {
+        /// The filesystem operations that are counted.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub enum Op { $($name),* }
+
+        impl Op {
+            pub const ALL: &'static [Op] = &[$(Op::$name),*];
+            pub fn name(self) -> &'static str {
+                match self { $(Op::$name => stringify!($name)),* }
+            }
+        }
+    };
+}
+
+ops!(
+    lookup,
+    forget,
+    getattr,
+    setattr,
+    readlink,
+    mknod,
+    mkdir,
+    unlink,
+    rmdir,
+    symlink,
+    rename,
+    link,
+    open,
+    read,
+    write,
+    flush,
+    release,
+    fsync,
+    opendir,
+    readdir,
+    readdirplus,
+    releasedir,
+    fsyncdir,
+    statfs,
+    setxattr,
+    getxattr,
+    listxattr,
+    removexattr,
+    access,
+    create,
+    fallocate,
+    lseek,
+    copy_file_range,
+);
+
+pub struct FsStats {
+    ops: [AtomicU64; Op::ALL.len()],
+    errors: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// A point-in-time copy of the counters, for `hotbackup status`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq)]
+pub struct StatsSnapshot {
+    pub ops: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl Default for FsStats {
+    fn default() -> Self {
+        FsStats {
+            ops: std::array::from_fn(|_| AtomicU64::new(0)),
+            errors: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+        }
+    }
+}
+
+impl FsStats {
+    pub fn count(&self, op: Op) {
+        self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn read_bytes(&self, n: usize) {
+        self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn written_bytes(&self, n: usize) {
+        self.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            ops: Op::ALL
+                .iter()
+                .map(|&op| {
+                    (
+                        op.name().to_string(),
+                        self.ops[op as usize].load(Ordering::Relaxed),
+                    )
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+        }
+    }
+}

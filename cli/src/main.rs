@@ -1,0 +1,191 @@
+//! The `hotbackup` command: parses, calls the agent library, renders. Nothing else.
+//!
+//! Exit codes: 0 success; 1 the command failed (the message says why and what to do);
+//! 2 the command line was wrong.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agent::{AgentAddress, AgentOptions, AgentStatus, Request, Response};
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "hotbackup",
+    version,
+    about = "Online physical backups of MariaDB/MySQL through a capture filesystem"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve a backing directory at a mountpoint (the database's datadir) until stopped.
+    Agent {
+        #[command(flatten)]
+        options: AgentOptions,
+        /// Log level: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Show what an agent serves, for how long, and its counters.
+    Status {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask an agent to unmount and exit; refused while files are still open on the mount.
+    Unmount {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Detach even if in use: the mount vanishes from the namespace and is served
+        /// until its last open file closes.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct AgentArgs {
+    /// The agent's mountpoint (its socket is found from the mount table).
+    #[arg(long)]
+    mountpoint: Option<PathBuf>,
+    /// The agent's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl AgentArgs {
+    fn address(&self) -> AgentAddress {
+        match (&self.socket, &self.mountpoint) {
+            (Some(s), _) => AgentAddress::Socket(s.clone()),
+            (None, Some(m)) => AgentAddress::Mountpoint(m.clone()),
+            (None, None) => unreachable!("clap requires one of them"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hotbackup: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent { options, log_level } => {
+            init_logging(&log_level)?;
+            agent::run_agent(&options)?;
+            Ok(())
+        }
+        Command::Status { agent, json } => {
+            let status = match agent::client::call(&agent.address(), &Request::Status)? {
+                Response::Status(s) => s,
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the agent: {other:?}"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Unmount { agent, force } => {
+            match agent::client::call(&agent.address(), &Request::Unmount { force })? {
+                Response::Unmounted => {
+                    println!("unmounted");
+                    Ok(())
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer from the agent: {other:?}"),
+            }
+        }
+    }
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    // fuser warns when its own unmount-on-drop finds the mount already gone (we unmount
+    // first, on purpose); its other messages are kept.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("{level},fuser::mnt=error"))
+        .with_context(|| {
+            format!(
+                "--log-level {level:?} is not a log level; use error, warn, info, debug or trace"
+            )
+        })?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+fn print_status(s: &AgentStatus) {
+    println!(
+        "agent       pid {} (hotbackup {}), up {}",
+        s.pid,
+        s.version,
+        duration(s.uptime_secs)
+    );
+    println!("backing     {}", s.backing.display());
+    println!("mountpoint  {}", s.mountpoint.display());
+    println!("socket      {}", s.socket.display());
+    println!("threads     {}", s.threads);
+    println!(
+        "inodes      {} known to the kernel, {} files/dirs open",
+        s.inodes, s.open_handles
+    );
+    println!(
+        "bytes       {} read, {} written",
+        bytes(s.stats.bytes_read),
+        bytes(s.stats.bytes_written)
+    );
+    let mut ops: Vec<_> = s.stats.ops.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1));
+    let ops: Vec<String> = ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!(
+        "operations  {}",
+        if ops.is_empty() {
+            "none yet".into()
+        } else {
+            ops.join(", ")
+        }
+    );
+    println!("errors      {} answered with an errno", s.stats.errors);
+}
+
+fn duration(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,174 @@
+//! Shared harness for the integration tests: a real `hotbackup agent` serving a real
+//! FUSE mount over a temp backing directory, cleaned up even when a test fails.
+#![allow(dead_code)]
+
+pub mod mariadb;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of the `hotbackup` binary cargo built for these tests.
+pub fn hotbackup_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hotbackup"))
+}
+
+/// Runs `hotbackup ARGS...` to completion and returns its output.
+pub fn hotbackup(args: &[&str]) -> Output {
+    Command::new(hotbackup_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hotbackup")
+}
+
+/// True when `path` is a mountpoint according to the kernel's mount table.
+pub fn is_mounted(path: &Path) -> bool {
+    capture::mountinfo::mount_at(path).is_some()
+}
+
+/// A running agent: `backing` is served at `mountpoint`. Dropping it stops the agent
+/// (SIGTERM to its own pid, then `fusermount3 -u` as a fallback) and removes the dirs.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts an agent over a fresh, empty backing directory.
+    pub fn start() -> Agent {
+        Self::start_with(&[])
+    }
+
+    /// Starts an agent with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-test-")
+            .tempdir()
+            .expect("tempdir");
+        let backing = dir.path().join("backing");
+        let mountpoint = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mountpoint).unwrap();
+        let socket = dir.path().join("agent.sock");
+        Self::spawn(dir, backing, mountpoint, socket, extra)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        backing: PathBuf,
+        mountpoint: PathBuf,
+        socket: PathBuf,
+        extra: &[&str],
+    ) -> Agent {
+        let mut cmd = Command::new(hotbackup_bin());
+        cmd.arg("agent")
+            .arg("--backing")
+            .arg(&backing)
+            .arg("--mountpoint")
+            .arg(&mountpoint)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().expect("spawn agent");
+        let mut agent = Agent {
+            dir,
+            backing,
+            mountpoint,
+            socket,
+            child: Some(child),
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if is_mounted(&self.mountpoint) && self.socket.exists() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "agent exited early ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent did not mount {} in time", self.mountpoint.display());
+    }
+
+    /// A path below the mountpoint.
+    pub fn mnt(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit; returns its stderr and status.
+    pub fn stop(&mut self) -> (std::process::ExitStatus, String) {
+        let child = self.child.take().expect("agent running");
+        signal(child.id(), libc::SIGTERM);
+        let out = wait_with_timeout(child, Duration::from_secs(30));
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// True while the agent process is alive.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            let _ = wait_with_timeout(child, Duration::from_secs(10));
+        }
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid this harness spawned itself; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Waits for `child` to exit, killing it after `timeout`; returns its output.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    child.wait_with_output().expect("wait child")
+}
