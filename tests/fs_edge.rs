@@ -689,3 +689,32 @@ fn forgotten_inodes_are_released() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn writes_do_not_cost_a_getxattr_round_trip() {
+    let a = Agent::start();
+    let f = File::create(a.mnt("hot")).unwrap();
+    f.write_all_at(b"warm up", 0).unwrap();
+    let before = op_count(&a, "getxattr");
+    for i in 0..200u64 {
+        f.write_all_at(b"0123456789abcdef", i * 16).unwrap();
+    }
+    let after = op_count(&a, "getxattr");
+    assert!(
+        after - before < 5,
+        "200 writes caused {} getxattr requests (security.capability checks)",
+        after - before
+    );
+    // Set-id bits are still dropped when an unprivileged user writes.
+    fs::set_permissions(a.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(a.mnt("setuid"), b"x").unwrap();
+    fs::set_permissions(a.mnt("setuid"), fs::Permissions::from_mode(0o4777)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!("printf y >> {}", a.mnt("setuid").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mode = fs::metadata(a.backing.join("setuid")).unwrap().mode() & 0o7777;
+    assert_eq!(mode, 0o777, "set-user-id bit survived an unprivileged write");
+}
