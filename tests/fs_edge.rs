@@ -710,11 +710,69 @@ fn writes_do_not_cost_a_getxattr_round_trip() {
     fs::write(a.mnt("setuid"), b"x").unwrap();
     fs::set_permissions(a.mnt("setuid"), fs::Permissions::from_mode(0o4777)).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
         .arg(format!("printf y >> {}", a.mnt("setuid").display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mode = fs::metadata(a.backing.join("setuid")).unwrap().mode() & 0o7777;
-    assert_eq!(mode, 0o777, "set-user-id bit survived an unprivileged write");
+    assert_eq!(
+        mode, 0o777,
+        "set-user-id bit survived an unprivileged write"
+    );
+}
+
+/// Pages of `path` resident in the page cache, from util-linux's fincore.
+fn resident_pages(path: &std::path::Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "PAGES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn o_direct_bypasses_the_backing_page_cache_and_tolerates_misalignment() {
+    let a = Agent::start();
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(a.mnt("ibdata"))
+        .unwrap();
+    let len = 4 << 20;
+    let (buf, s) = aligned(len, 0x5a);
+    f.write_all_at(&buf[s..s + len], 0).unwrap();
+    let (mut rbuf, rs) = aligned(len, 0);
+    f.read_exact_at(&mut rbuf[rs..rs + len], 0).unwrap();
+    assert!(rbuf[rs..rs + len].iter().all(|&b| b == 0x5a));
+    // Written and read with O_DIRECT on the backing file: cached once (by the
+    // application), not a second time in the backing page cache.
+    let cached = resident_pages(&a.backing.join("ibdata"));
+    assert!(cached < 64, "{cached} pages of the backing file are cached");
+    // Unaligned requests on an O_DIRECT file (which FUSE lets through) still work.
+    f.write_all_at(b"odd", 1001).unwrap();
+    let mut three = [0u8; 3];
+    f.read_exact_at(&mut three, 1001).unwrap();
+    assert_eq!(&three, b"odd");
+    let plain = fs::read(a.backing.join("ibdata")).unwrap();
+    assert_eq!(&plain[1000..1005], &[0x5a, b'o', b'd', b'd', 0x5a]);
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
+use crate::direct::{self, DirectFile};
 use crate::inode::{Inode, InodeTable};
 use crate::stats::FsStats;
 use crate::sys::{self, Errno, FsCredentials, cstr, cvt};
@@ -72,6 +73,10 @@ pub struct Opened {
 pub struct Handle {
     pub inode: Arc<Inode>,
     file: OwnedFd,
+    /// Set when `file` was opened with `O_DIRECT`.
+    direct: Option<DirectFile>,
+    /// The access mode and flags `file` was opened with (for the buffered fallback).
+    flags: i32,
     /// Serializes seek + getdents on a directory stream.
     dir_pos: Mutex<()>,
 }
@@ -94,8 +99,9 @@ pub struct PassthroughFs {
 }
 
 /// Open flags the backing file must not get: creation is explicit, appends use the
-/// kernel's offsets (so mirrored writes know where they landed), `O_DIRECT` alignment is
-/// the page cache's business on the backing side, and proc magic links must be followed.
+/// kernel's offsets (so mirrored writes know where they landed), `O_DIRECT` is added back
+/// only by `open_for_io` (whose callers handle its alignment), and proc magic links must
+/// be followed.
 const STRIPPED_OPEN_FLAGS: i32 = libc::O_CREAT
     | libc::O_EXCL
     | libc::O_NOCTTY
@@ -161,10 +167,17 @@ impl PassthroughFs {
     }
 
     fn add_handle(&self, inode: Arc<Inode>, file: OwnedFd) -> u64 {
+        self.add_file_handle(inode, file, 0, false)
+    }
+
+    fn add_file_handle(&self, inode: Arc<Inode>, file: OwnedFd, flags: i32, direct: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let handle = Arc::new(Handle {
             inode,
             file,
+            direct: direct.then(DirectFile::new),
+            // Reopening must never truncate again.
+            flags: flags & !(libc::O_TRUNC | STRIPPED_OPEN_FLAGS),
             dir_pos: Mutex::new(()),
         });
         self.handles.write().insert(fh, handle);
@@ -410,12 +423,43 @@ impl PassthroughFs {
 
     pub fn open(&self, id: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.inode(id)?;
-        let file = self.reopen(&inode, flags)?;
-        let fh = self.add_handle(inode, file);
+        let (file, direct) = self.open_for_io(inode.fd(), flags)?;
+        let fh = self.add_file_handle(inode, file, flags, direct);
         Ok(Opened {
             fh,
             direct_io: flags & libc::O_DIRECT != 0,
         })
+    }
+
+    /// Opens what `fd` refers to for I/O with `flags`, with `O_DIRECT` on the backing file
+    /// when the application asked for it and the backing filesystem supports it.
+    fn open_for_io(&self, fd: BorrowedFd<'_>, flags: i32) -> FsResult<(OwnedFd, bool)> {
+        let name = Self::proc_name(fd);
+        let proc = self.proc_fds.as_raw_fd();
+        let plain = flags & !STRIPPED_OPEN_FLAGS;
+        if flags & libc::O_DIRECT != 0 {
+            match sys::openat(proc, &name, plain | libc::O_DIRECT, 0) {
+                Ok(file) => return Ok((file, true)),
+                // The backing filesystem has no O_DIRECT (tmpfs): serve it buffered.
+                Err(Errno::EINVAL) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((sys::openat(proc, &name, plain, 0)?, false))
+    }
+
+    /// True when a request at `offset` of `len` bytes takes the direct path.
+    fn goes_direct(handle: &Handle, offset: u64, len: usize) -> bool {
+        handle.direct.is_some() && direct::aligned(offset, len)
+    }
+
+    /// The fd for buffered I/O on the handle's file: its own, or for a direct file, the
+    /// buffered fallback for requests the direct path cannot take.
+    fn buffered_fd<'h>(&self, handle: &'h Handle) -> FsResult<BorrowedFd<'h>> {
+        match &handle.direct {
+            None => Ok(handle.fd()),
+            Some(d) => d.buffered(|| self.reopen(&handle.inode, handle.flags)),
+        }
     }
 
     pub fn create(
@@ -446,7 +490,12 @@ impl PassthroughFs {
         let st = sys::fstat_path(path_fd.as_fd())?;
         let inode = self.inodes.remember(path_fd, &st);
         let attr = self.attr(&inode, &st);
-        let fh = self.add_handle(inode, file);
+        let (file, direct) = if flags & libc::O_DIRECT != 0 {
+            self.open_for_io(file.as_fd(), flags & !libc::O_TRUNC)?
+        } else {
+            (file, false)
+        };
+        let fh = self.add_file_handle(inode, file, flags, direct);
         Ok((
             attr,
             Opened {
@@ -459,7 +508,12 @@ impl PassthroughFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let handle = self.handle(fh)?;
         let mut buf = vec![0u8; size as usize];
-        let n = sys::pread_full(handle.fd(), &mut buf, offset)?;
+        let direct = Self::goes_direct(&handle, offset, buf.len());
+        let n = match direct.then(|| direct::pread(handle.fd(), &mut buf, offset)) {
+            Some(Err(e)) if !direct::refused(e) => return Err(e.into()),
+            Some(Ok(n)) => n,
+            _ => sys::pread_full(self.buffered_fd(&handle)?, &mut buf, offset)?,
+        };
         buf.truncate(n);
         self.stats.read_bytes(n);
         Ok(buf)
@@ -469,7 +523,12 @@ impl PassthroughFs {
     /// as a write by an unprivileged user does on a local filesystem.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<usize> {
         let handle = self.handle(fh)?;
-        let n = sys::pwrite_full(handle.fd(), data, offset)?;
+        let direct = Self::goes_direct(&handle, offset, data.len());
+        let n = match direct.then(|| direct::pwrite(handle.fd(), data, offset)) {
+            Some(Err(e)) if !direct::refused(e) => return Err(e.into()),
+            Some(Ok(n)) => n,
+            _ => sys::pwrite_full(self.buffered_fd(&handle)?, data, offset)?,
+        };
         if kill_suidgid {
             drop_setid_bits(handle.fd())?;
         }

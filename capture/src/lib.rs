@@ -1,6 +1,7 @@
 //! The capture filesystem: a FUSE passthrough over a backing directory that a database
 //! lives on (and, in later layers, the capture engine that copies it while it runs).
 
+pub mod direct;
 pub mod fs;
 pub mod fuse;
 pub mod inode;
