@@ -7,6 +7,8 @@ pub mod fuse;
 pub mod inode;
 pub mod mount;
 pub mod mountinfo;
+pub mod rangelock;
+pub mod ranges;
 pub mod stats;
 pub mod sys;
 
