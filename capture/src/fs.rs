@@ -16,7 +16,9 @@ use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
 use crate::direct::{self, DirectFile};
-use crate::inode::{Inode, InodeTable};
+use crate::gate::{CaptureGate, Pass};
+use crate::inode::{Inode, InodeKey, InodeTable};
+use crate::session::{CaptureError, CaptureSession, NamespaceGuard, SessionOptions, ValidityPoint};
 use crate::stats::FsStats;
 use crate::sys::{self, Errno, FsCredentials, cstr, cvt};
 
@@ -96,6 +98,23 @@ pub struct PassthroughFs {
     proc_fds: OwnedFd,
     pub stats: FsStats,
     pub ttl: Duration,
+    /// Whether a capture session runs; every mutating operation passes through it.
+    gate: CaptureGate<CaptureSession>,
+    /// Serializes starting and stopping sessions.
+    capture_ctl: Mutex<()>,
+}
+
+/// A namespace operation's way in: the session's namespace lock (taken first, so that a
+/// stop holding it while it drains the gate cannot deadlock with us) and the gate pass.
+struct NamespacePass<'a> {
+    pass: Pass<'a, CaptureSession>,
+    _ns: Option<NamespaceGuard>,
+}
+
+impl NamespacePass<'_> {
+    fn session(&self) -> Option<&CaptureSession> {
+        self.pass.session.as_deref()
+    }
 }
 
 /// Open flags the backing file must not get: creation is explicit, appends use the
@@ -139,6 +158,8 @@ impl PassthroughFs {
             proc_fds,
             stats: FsStats::default(),
             ttl: Duration::from_secs(1),
+            gate: CaptureGate::new(),
+            capture_ctl: Mutex::new(()),
         })
     }
 
@@ -152,6 +173,102 @@ impl PassthroughFs {
 
     pub fn open_handles(&self) -> usize {
         self.handles.read().len()
+    }
+
+    /// Starts copying the whole tree into the empty directory `image` while mirroring
+    /// writes (see `session.rs`). At most one session runs per mount.
+    pub fn start_capture(
+        &self,
+        image: &Path,
+        options: SessionOptions,
+    ) -> Result<Arc<CaptureSession>, CaptureError> {
+        let _ctl = self.capture_ctl.lock();
+        if self.gate.peek().is_some() {
+            return Err(CaptureError::SessionRunning);
+        }
+        let session = Arc::new(CaptureSession::new(&self.backing, image, options)?);
+        let ns = session.namespace();
+        // From here on every operation sees the session; namespace operations wait for
+        // the skeleton to be built.
+        self.gate.switch(Some(session.clone()));
+        let built = session.adopt(Path::new(""));
+        drop(ns);
+        if let Err(e) = built {
+            session.abort(e.to_string());
+            self.gate.switch(None);
+            return Err(e);
+        }
+        // A second barrier: writes that looked for their file before it was registered
+        // (and so took no range lock) are done before the copier reads anything.
+        self.gate.switch(Some(session.clone()));
+        session.start_copier();
+        Ok(session)
+    }
+
+    /// The running session, if any.
+    pub fn capture(&self) -> Option<Arc<CaptureSession>> {
+        self.gate.peek()
+    }
+
+    /// Stops the session at this instant (the validity point): once this returns every
+    /// mirrored write has landed in the image and no later one will.
+    pub fn stop_capture(&self) -> Result<ValidityPoint, CaptureError> {
+        let _ctl = self.capture_ctl.lock();
+        let session = self.gate.peek().ok_or(CaptureError::NoSession)?;
+        match session.phase() {
+            crate::session::Phase::Copying => {
+                let p = session.progress();
+                return Err(CaptureError::NotCopied(p.files_total - p.files_copied));
+            }
+            crate::session::Phase::Aborted => {
+                self.gate.switch(None);
+                return Err(CaptureError::Aborted(session.error().unwrap_or_default()));
+            }
+            _ => {}
+        }
+        let ns = session.namespace();
+        self.gate.switch(None);
+        let vp = session.mark_stopped();
+        drop(ns);
+        vp
+    }
+
+    /// Ends the session without a validity point (the client went away, or a failure).
+    pub fn abort_capture(&self, reason: &str) {
+        let _ctl = self.capture_ctl.lock();
+        if let Some(session) = self.gate.peek() {
+            session.abort(reason);
+            self.gate.switch(None);
+        }
+    }
+
+    fn enter_namespace(&self) -> NamespacePass<'_> {
+        loop {
+            let peeked = self.gate.peek();
+            let ns = peeked.as_ref().map(|s| s.namespace());
+            let pass = self.gate.enter();
+            let locked_right = match (&peeked, &pass.session) {
+                (_, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, Some(_)) => false,
+            };
+            if locked_right {
+                return NamespacePass { pass, _ns: ns };
+            }
+        }
+    }
+
+    /// Path of an inode relative to the backing root, or None once it has no name.
+    fn rel_path(&self, inode: &Inode) -> Option<PathBuf> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", inode.fd().as_raw_fd())).ok()?;
+        if link.as_os_str().as_bytes().ends_with(b" (deleted)") && !link.exists() {
+            return None;
+        }
+        link.strip_prefix(&self.backing).ok().map(Path::to_path_buf)
+    }
+
+    fn child_rel(&self, parent: &Inode, name: &OsStr) -> Option<PathBuf> {
+        self.rel_path(parent).map(|p| p.join(name))
     }
 
     fn inode(&self, id: u64) -> FsResult<Arc<Inode>> {
@@ -211,6 +328,10 @@ impl PassthroughFs {
 
     /// Looks `name` up in `parent` and records one kernel reference to it.
     fn lookup_in(&self, parent: &Inode, name: &CStr) -> FsResult<FileAttr> {
+        self.lookup_stat(parent, name).map(|(attr, _)| attr)
+    }
+
+    fn lookup_stat(&self, parent: &Inode, name: &CStr) -> FsResult<(FileAttr, libc::stat)> {
         let fd = sys::openat(
             parent.fd().as_raw_fd(),
             name,
@@ -219,7 +340,22 @@ impl PassthroughFs {
         )?;
         let st = sys::fstat_path(fd.as_fd())?;
         let inode = self.inodes.remember(fd, &st);
-        Ok(self.attr(&inode, &st))
+        Ok((self.attr(&inode, &st), st))
+    }
+
+    /// Looks up a just-created entry and mirrors its creation into a running session.
+    fn created(&self, ns: &NamespacePass<'_>, parent: &Inode, name: &CStr) -> FsResult<FileAttr> {
+        let (attr, st) = self.lookup_stat(parent, name)?;
+        self.mirror_created(ns, parent, name, &st);
+        Ok(attr)
+    }
+
+    fn mirror_created(&self, ns: &NamespacePass<'_>, parent: &Inode, name: &CStr, st: &libc::stat) {
+        if let Some(session) = ns.session()
+            && let Some(rel) = self.child_rel(parent, OsStr::from_bytes(name.to_bytes()))
+        {
+            session.created(&rel, st);
+        }
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
@@ -271,8 +407,18 @@ impl PassthroughFs {
                     reopened.as_fd()
                 }
             };
-            // SAFETY: ftruncate on a valid fd.
-            cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+            let truncate = || -> FsResult<()> {
+                // SAFETY: ftruncate on a valid fd.
+                cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+                Ok(())
+            };
+            let pass = self.gate.enter();
+            match &pass.session {
+                None => truncate()?,
+                Some(session) => session.resize(inode.key, truncate, || {
+                    sys::fstat_path(fd).ok().map(|st| st.st_size as u64)
+                })?,
+            }
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let times = [timespec_of(set.atime), timespec_of(set.mtime)];
@@ -307,6 +453,7 @@ impl PassthroughFs {
         rdev: u32,
         caller: Caller,
     ) -> FsResult<FileAttr> {
+        let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
         {
@@ -321,7 +468,7 @@ impl PassthroughFs {
                 )
             })?;
         }
-        self.lookup_in(&parent, &name)
+        self.created(&ns, &parent, &name)
     }
 
     pub fn mkdir(
@@ -331,6 +478,7 @@ impl PassthroughFs {
         mode: u32,
         caller: Caller,
     ) -> FsResult<FileAttr> {
+        let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
         {
@@ -338,7 +486,7 @@ impl PassthroughFs {
             // SAFETY: `name` is NUL-terminated; the parent fd is valid.
             cvt(unsafe { libc::mkdirat(parent.fd().as_raw_fd(), name.as_ptr(), mode) })?;
         }
-        self.lookup_in(&parent, &name)
+        self.created(&ns, &parent, &name)
     }
 
     pub fn symlink(
@@ -348,6 +496,7 @@ impl PassthroughFs {
         target: &Path,
         caller: Caller,
     ) -> FsResult<FileAttr> {
+        let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
         let target = cstr(target.as_os_str())?;
@@ -358,7 +507,7 @@ impl PassthroughFs {
                 libc::symlinkat(target.as_ptr(), parent.fd().as_raw_fd(), name.as_ptr())
             })?;
         }
-        self.lookup_in(&parent, &name)
+        self.created(&ns, &parent, &name)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -370,10 +519,20 @@ impl PassthroughFs {
     }
 
     fn remove(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<()> {
+        let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
-        let name = cstr(name)?;
+        let cname = cstr(name)?;
+        let victim = ns
+            .session()
+            .and_then(|_| sys::fstatat(parent.fd(), &cname, libc::AT_SYMLINK_NOFOLLOW).ok())
+            .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+            .map(|st| InodeKey::of(&st));
+        let rel = ns.session().and_then(|_| self.child_rel(&parent, name));
         // SAFETY: `name` is NUL-terminated; the parent fd is valid.
-        cvt(unsafe { libc::unlinkat(parent.fd().as_raw_fd(), name.as_ptr(), flags) })?;
+        cvt(unsafe { libc::unlinkat(parent.fd().as_raw_fd(), cname.as_ptr(), flags) })?;
+        if let (Some(session), Some(rel)) = (ns.session(), rel) {
+            session.removed(&rel, victim, flags & libc::AT_REMOVEDIR != 0);
+        }
         Ok(())
     }
 
@@ -385,24 +544,40 @@ impl PassthroughFs {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
+        let ns = self.enter_namespace();
         let from = self.inode(parent)?;
         let to = self.inode(newparent)?;
-        let name = cstr(name)?;
-        let newname = cstr(newname)?;
+        let cname = cstr(name)?;
+        let cnewname = cstr(newname)?;
+        let mirror = ns.session().and_then(|_| {
+            let replaced = sys::fstatat(to.fd(), &cnewname, libc::AT_SYMLINK_NOFOLLOW)
+                .ok()
+                .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                .map(|st| InodeKey::of(&st));
+            Some((
+                self.child_rel(&from, name)?,
+                self.child_rel(&to, newname)?,
+                replaced,
+            ))
+        });
         // SAFETY: both names are NUL-terminated; both parent fds are valid.
         cvt(unsafe {
             libc::renameat2(
                 from.fd().as_raw_fd(),
-                name.as_ptr(),
+                cname.as_ptr(),
                 to.fd().as_raw_fd(),
-                newname.as_ptr(),
+                cnewname.as_ptr(),
                 flags,
             )
         })?;
+        if let (Some(session), Some((a, b, replaced))) = (ns.session(), mirror) {
+            session.renamed(&a, &b, flags, replaced);
+        }
         Ok(())
     }
 
     pub fn link(&self, id: u64, newparent: u64, newname: &OsStr) -> FsResult<FileAttr> {
+        let ns = self.enter_namespace();
         let inode = self.inode(id)?;
         let parent = self.inode(newparent)?;
         let newname = cstr(newname)?;
@@ -418,7 +593,13 @@ impl PassthroughFs {
                 libc::AT_SYMLINK_FOLLOW,
             )
         })?;
-        self.lookup_in(&parent, &newname)
+        let attr = self.lookup_in(&parent, &newname)?;
+        if let Some(session) = ns.session()
+            && let Some(rel) = self.child_rel(&parent, OsStr::from_bytes(newname.to_bytes()))
+        {
+            session.linked(inode.key, &rel);
+        }
+        Ok(attr)
     }
 
     pub fn open(&self, id: u64, flags: i32) -> FsResult<Opened> {
@@ -470,6 +651,7 @@ impl PassthroughFs {
         flags: i32,
         caller: Caller,
     ) -> FsResult<(FileAttr, Opened)> {
+        let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
         let file = {
@@ -490,6 +672,8 @@ impl PassthroughFs {
         let st = sys::fstat_path(path_fd.as_fd())?;
         let inode = self.inodes.remember(path_fd, &st);
         let attr = self.attr(&inode, &st);
+        self.mirror_created(&ns, &parent, &name, &st);
+        drop(ns);
         let (file, direct) = if flags & libc::O_DIRECT != 0 {
             self.open_for_io(file.as_fd(), flags & !libc::O_TRUNC)?
         } else {
@@ -523,17 +707,30 @@ impl PassthroughFs {
     /// as a write by an unprivileged user does on a local filesystem.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<usize> {
         let handle = self.handle(fh)?;
-        let direct = Self::goes_direct(&handle, offset, data.len());
-        let n = match direct.then(|| direct::pwrite(handle.fd(), data, offset)) {
-            Some(Err(e)) if !direct::refused(e) => return Err(e.into()),
-            Some(Ok(n)) => n,
-            _ => sys::pwrite_full(self.buffered_fd(&handle)?, data, offset)?,
+        let pass = self.gate.enter();
+        let n = match &pass.session {
+            None => self.write_source(&handle, offset, data)?,
+            Some(session) => session.write(handle.inode.key, offset, data, || {
+                self.write_source(&handle, offset, data)
+            })?,
         };
+        drop(pass);
         if kill_suidgid {
             drop_setid_bits(handle.fd())?;
         }
         self.stats.written_bytes(n);
         Ok(n)
+    }
+
+    fn write_source(&self, handle: &Handle, offset: u64, data: &[u8]) -> FsResult<usize> {
+        let direct = Self::goes_direct(handle, offset, data.len());
+        Ok(
+            match direct.then(|| direct::pwrite(handle.fd(), data, offset)) {
+                Some(Err(e)) if !direct::refused(e) => return Err(e.into()),
+                Some(Ok(n)) => n,
+                _ => sys::pwrite_full(self.buffered_fd(handle)?, data, offset)?,
+            },
+        )
     }
 
     pub fn release(&self, fh: u64) {
@@ -739,16 +936,23 @@ impl PassthroughFs {
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
         let handle = self.handle(fh)?;
-        // SAFETY: fallocate on a valid fd.
-        cvt(unsafe {
-            libc::fallocate(
-                handle.fd().as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                length as libc::off_t,
-            )
-        })?;
-        Ok(())
+        let allocate = || -> FsResult<()> {
+            // SAFETY: fallocate on a valid fd.
+            cvt(unsafe {
+                libc::fallocate(
+                    handle.fd().as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    length as libc::off_t,
+                )
+            })?;
+            Ok(())
+        };
+        let pass = self.gate.enter();
+        match &pass.session {
+            None => allocate(),
+            Some(session) => session.fallocate(handle.inode.key, mode, offset, length, allocate),
+        }
     }
 
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> FsResult<i64> {
@@ -770,21 +974,32 @@ impl PassthroughFs {
     ) -> FsResult<usize> {
         let input = self.handle(fh_in)?;
         let output = self.handle(fh_out)?;
-        let mut off_in = offset_in as libc::loff_t;
-        let mut off_out = offset_out as libc::loff_t;
-        // SAFETY: valid fds and offset out-pointers.
-        let n = cvt(unsafe {
-            libc::copy_file_range(
-                input.fd().as_raw_fd(),
-                &mut off_in,
-                output.fd().as_raw_fd(),
-                &mut off_out,
-                len as usize,
-                0,
-            )
-        })?;
-        self.stats.written_bytes(n as usize);
-        Ok(n as usize)
+        let copy = || -> FsResult<usize> {
+            let mut off_in = offset_in as libc::loff_t;
+            let mut off_out = offset_out as libc::loff_t;
+            // SAFETY: valid fds and offset out-pointers.
+            let n = cvt(unsafe {
+                libc::copy_file_range(
+                    input.fd().as_raw_fd(),
+                    &mut off_in,
+                    output.fd().as_raw_fd(),
+                    &mut off_out,
+                    len as usize,
+                    0,
+                )
+            })?;
+            Ok(n as usize)
+        };
+        let pass = self.gate.enter();
+        let n = match &pass.session {
+            None => copy()?,
+            Some(session) => {
+                let readback = self.buffered_fd(&output)?;
+                session.write_from_source(output.inode.key, offset_out, len, readback, copy)?
+            }
+        };
+        self.stats.written_bytes(n);
+        Ok(n)
     }
 }
 

@@ -4,11 +4,13 @@
 pub mod direct;
 pub mod fs;
 pub mod fuse;
+pub mod gate;
 pub mod inode;
 pub mod mount;
 pub mod mountinfo;
 pub mod rangelock;
 pub mod ranges;
+pub mod session;
 pub mod stats;
 pub mod sys;
 

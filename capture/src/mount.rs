@@ -161,8 +161,8 @@ pub fn check(backing: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), Mo
     Ok((backing, mountpoint))
 }
 
-/// A served mount. Dropping it without `unmount` leaves the kernel to clean up when the
-/// process exits (the mount then fails with ENOTCONN), so callers unmount explicitly.
+/// A served mount. Dropping it without `unmount` detaches it lazily, so that a mount
+/// never outlives its server in the namespace.
 pub struct Mounted {
     pub fs: Arc<PassthroughFs>,
     pub mountpoint: PathBuf,
@@ -250,5 +250,13 @@ impl Mounted {
     /// True once the serving threads have stopped (the mount was taken away).
     pub fn is_finished(&self) -> bool {
         self.session.as_ref().is_none_or(|s| s.guard.is_finished())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.session.is_some() && mountinfo::mount_at(&self.mountpoint).is_some() {
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }

@@ -1,0 +1,149 @@
+//! Harness for capture-engine tests: a real FUSE mount served by this test process (the
+//! `capture` library), an image directory, and tree comparison.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use capture::session::{CaptureSession, Phase, SessionOptions, ValidityPoint};
+use capture::{MountOptions, Mounted};
+
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub image: PathBuf,
+    pub mounted: Mounted,
+}
+
+impl Rig {
+    pub fn new() -> Rig {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-engine-")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        let image = dir.path().join("image");
+        for d in [&backing, &mnt, &image] {
+            fs::create_dir(d).unwrap();
+        }
+        let mounted = capture::mount(
+            &backing,
+            &mnt,
+            &MountOptions {
+                threads: 4,
+                fsname: "hotbackup-test".into(),
+            },
+        )
+        .expect("mount");
+        Rig {
+            dir,
+            backing,
+            mnt,
+            image,
+            mounted,
+        }
+    }
+
+    pub fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn img(&self, rel: &str) -> PathBuf {
+        self.image.join(rel)
+    }
+
+    pub fn start(&self, options: SessionOptions) -> Arc<CaptureSession> {
+        self.mounted
+            .fs
+            .start_capture(&self.image, options)
+            .expect("start capture")
+    }
+
+    /// Waits for the copy phase, then stops: the validity point.
+    pub fn finish(&self, session: &CaptureSession) -> ValidityPoint {
+        let phase = session.wait_copied(Duration::from_secs(60));
+        assert_eq!(
+            phase,
+            Phase::Copied,
+            "copy did not finish: {:?}",
+            session.error()
+        );
+        self.mounted.fs.stop_capture().expect("stop capture")
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.mounted.fs.abort_capture("test over");
+        let _ = self.mounted.unmount(true);
+    }
+}
+
+/// Every entry below `root` with its kind, size, mode, link target and content digest.
+pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let m = fs::symlink_metadata(&path).unwrap();
+            let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let desc = if m.is_dir() {
+                stack.push(path.clone());
+                format!("dir {:o}", m.mode())
+            } else if m.file_type().is_symlink() {
+                format!("symlink -> {}", fs::read_link(&path).unwrap().display())
+            } else if m.is_file() {
+                let data = fs::read(&path).unwrap();
+                format!(
+                    "file {:o} nlink={} size={} {}",
+                    m.mode(),
+                    m.nlink(),
+                    m.len(),
+                    digest(&data)
+                )
+            } else {
+                continue; // fifos and sockets are not captured
+            };
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+pub fn digest(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Asserts the image equals `expected` (a tree snapshot of the source at the stop).
+pub fn assert_image_is(rig: &Rig, expected: &BTreeMap<PathBuf, String>) {
+    let got = tree(&rig.image);
+    if &got != expected {
+        let mut diff = String::new();
+        for (k, v) in expected {
+            match got.get(k) {
+                None => diff += &format!("missing in image: {} ({v})\n", k.display()),
+                Some(g) if g != v => {
+                    diff += &format!("differs: {}\n  want {v}\n  got  {g}\n", k.display())
+                }
+                _ => {}
+            }
+        }
+        for (k, v) in &got {
+            if !expected.contains_key(k) {
+                diff += &format!("extra in image: {} ({v})\n", k.display());
+            }
+        }
+        panic!("image differs from the tree at the validity point:\n{diff}");
+    }
+}
