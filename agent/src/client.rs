@@ -68,6 +68,22 @@ pub fn socket_of_mountpoint(mountpoint: &Path) -> Result<PathBuf, ClientError> {
 
 /// Sends one request and reads its response.
 pub fn call(address: &AgentAddress, request: &Request) -> Result<Response, ClientError> {
+    let mut last = None;
+    call_streaming(address, request, Duration::from_secs(120), |r| {
+        last = Some(r);
+        false
+    })?;
+    Ok(last.expect("call_streaming delivers at least one response"))
+}
+
+/// Sends one request and hands each response line to `each` until it returns false or
+/// the agent closes the connection. `idle` bounds the wait for any one line.
+pub fn call_streaming(
+    address: &AgentAddress,
+    request: &Request,
+    idle: Duration,
+    mut each: impl FnMut(Response) -> bool,
+) -> Result<(), ClientError> {
     let socket = address.socket()?;
     let mut stream = UnixStream::connect(&socket).map_err(|error| ClientError::Connect {
         socket: socket.clone(),
@@ -77,18 +93,31 @@ pub fn call(address: &AgentAddress, request: &Request) -> Result<Response, Clien
         socket: socket.clone(),
         error,
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(io_err)?;
+    stream.set_read_timeout(Some(idle)).map_err(io_err)?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io_err)?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(io_err)?;
-    serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
-        socket: socket.clone(),
-        detail: format!("{e}: {answer:?}"),
-    })
+    let mut reader = BufReader::new(&stream);
+    let mut delivered = false;
+    loop {
+        let mut answer = String::new();
+        let n = reader.read_line(&mut answer).map_err(io_err)?;
+        if n == 0 {
+            if delivered {
+                return Ok(());
+            }
+            return Err(ClientError::Protocol {
+                socket: socket.clone(),
+                detail: "the agent closed the connection without answering".into(),
+            });
+        }
+        let response = serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
+            socket: socket.clone(),
+            detail: format!("{e}: {answer:?}"),
+        })?;
+        delivered = true;
+        if !each(response) {
+            return Ok(());
+        }
+    }
 }

@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 
 use capture::StatsSnapshot;
+use capture::session::{Progress, SessionOptions};
+
+use crate::copy::CopySummary;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -14,6 +17,12 @@ pub enum Request {
     Unmount {
         force: bool,
     },
+    /// Copy the mount into `target` (a point-in-time image); answered by a stream of
+    /// `Progress` lines and a final `Copied` or `Error`. Closing the connection aborts.
+    Copy {
+        target: PathBuf,
+        options: SessionOptions,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -21,6 +30,8 @@ pub enum Request {
 pub enum Response {
     Status(AgentStatus),
     Unmounted,
+    Progress(Progress),
+    Copied(CopySummary),
     Error { message: String },
 }
 
@@ -38,4 +49,6 @@ pub struct AgentStatus {
     /// Files and directories open through the mount.
     pub open_handles: usize,
     pub stats: StatsSnapshot,
+    /// The running backup session, if any.
+    pub session: Option<Progress>,
 }

@@ -181,6 +181,7 @@ impl StatusSource {
             inodes: self.fs.inodes().len(),
             open_handles: self.fs.open_handles(),
             stats: self.fs.stats.snapshot(),
+            session: self.fs.capture().map(|s| s.progress()),
         }
     }
 }
@@ -240,11 +241,21 @@ fn watch_signals(events: Sender<Event>) -> Result<(), AgentError> {
 }
 
 fn serve_control(listener: UnixListener, status: StatusSource, events: Sender<Event>) {
+    let status = Arc::new(status);
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        // Requests are small and rare; serving them one by one keeps the agent simple.
-        if let Err(e) = answer(stream, &status, &events) {
-            tracing::debug!(error = %e, "control connection failed");
+        // A thread per connection: a copy streams for as long as it runs, and status
+        // must still answer meanwhile.
+        let (status, events) = (status.clone(), events.clone());
+        let spawned = thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                if let Err(e) = answer(stream, &status, &events) {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not serve a control connection");
         }
     }
 }
@@ -259,6 +270,30 @@ fn answer(
     BufReader::new(&stream).read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Response::Status(status.status()),
+        Ok(Request::Copy { target, options }) => {
+            tracing::info!(target = %target.display(), "copy requested");
+            let result =
+                crate::copy::run_copy(&status.fs, &status.mountpoint, &target, options, |p| {
+                    send(&stream, &Response::Progress(p.clone()))
+                });
+            match result {
+                Ok(summary) => {
+                    tracing::info!(
+                        target = %summary.target.display(),
+                        bytes = summary.bytes,
+                        mirrored = summary.bytes_mirrored,
+                        "copy complete"
+                    );
+                    Response::Copied(summary)
+                }
+                Err(e) => {
+                    tracing::error!("copy failed: {e}");
+                    Response::Error {
+                        message: e.to_string(),
+                    }
+                }
+            }
+        }
         Ok(Request::Unmount { force }) => {
             let _ = events.send(Event::Unmount {
                 force,

@@ -3,7 +3,9 @@
 
 pub mod client;
 pub mod control;
+pub mod copy;
 pub mod daemon;
+pub mod manifest;
 
 pub use client::{AgentAddress, ClientError};
 pub use control::{AgentStatus, Request, Response};

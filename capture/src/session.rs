@@ -29,7 +29,7 @@ use crate::rangelock::{RangeLock, TO_END};
 use crate::ranges::CopiedRanges;
 use crate::sys::{self, Errno, cvt};
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionOptions {
     /// Copier threads.
     pub parallel: usize,

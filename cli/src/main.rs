@@ -6,9 +6,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use agent::{AgentAddress, AgentOptions, AgentStatus, Request, Response};
 use anyhow::{Context, bail};
+use capture::session::SessionOptions;
 use clap::{Args, Parser, Subcommand};
+use render::bytes;
+
+mod render;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +44,28 @@ enum Command {
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy everything under the mount into a new directory: an exact image of the tree
+    /// at one instant, taken while applications keep writing (no database coordination).
+    Copy {
+        #[command(flatten)]
+        agent: AgentArgs,
+        /// Where the backup goes (new or empty): the image in DIR/data, the manifest in
+        /// DIR/backup.json.
+        #[arg(long, value_name = "DIR")]
+        target_dir: PathBuf,
+        /// Copier threads.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Limit the copier to this many MB/s (writes are always mirrored at full speed).
+        #[arg(long, value_name = "MB/s")]
+        throttle: Option<f64>,
+        /// Leave out entries matching this glob (relative to the mount root); repeatable.
+        #[arg(long, value_name = "GLOB")]
+        exclude: Vec<String>,
+        /// How to show progress.
+        #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
+        progress: render::ProgressMode,
     },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
@@ -102,6 +130,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Copy {
+            agent,
+            target_dir,
+            parallel,
+            throttle,
+            exclude,
+            progress,
+        } => {
+            if parallel == 0 {
+                bail!("--parallel must be at least 1");
+            }
+            if throttle.is_some_and(|t| t <= 0.0) {
+                bail!("--throttle must be a positive number of MB/s");
+            }
+            let target = if target_dir.is_absolute() {
+                target_dir
+            } else {
+                std::env::current_dir()?.join(target_dir)
+            };
+            let request = Request::Copy {
+                target,
+                options: SessionOptions {
+                    parallel,
+                    throttle_bytes_per_sec: throttle.map(|t| (t * 1_000_000.0) as u64),
+                    exclude,
+                    ..SessionOptions::default()
+                },
+            };
+            let json = progress == render::ProgressMode::Json
+                || (progress == render::ProgressMode::Auto
+                    && !std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let mut sink = render::sink(progress);
+            let mut outcome = None;
+            agent::client::call_streaming(
+                &agent.address(),
+                &request,
+                Duration::from_secs(600),
+                |r| match r {
+                    Response::Progress(p) => {
+                        sink.update(&p);
+                        true
+                    }
+                    other => {
+                        outcome = Some(other);
+                        false
+                    }
+                },
+            )?;
+            sink.finish();
+            match outcome {
+                Some(Response::Copied(summary)) => {
+                    println!("{}", render::summary(&summary, json));
+                    Ok(())
+                }
+                Some(Response::Error { message }) => bail!("{message}"),
+                Some(other) => bail!("unexpected answer from the agent: {other:?}"),
+                None => {
+                    bail!("the agent closed the connection before the copy finished; see its log")
+                }
+            }
+        }
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {
@@ -164,6 +253,21 @@ fn print_status(s: &AgentStatus) {
         }
     );
     println!("errors      {} answered with an errno", s.stats.errors);
+    if let Some(p) = &s.session {
+        println!(
+            "session     {:?}: {}/{} files, {} of {} copied, {} mirrored{}",
+            p.phase.unwrap_or(capture::session::Phase::Copying),
+            p.files_copied,
+            p.files_total,
+            bytes(p.bytes_copied),
+            bytes(p.bytes_total),
+            bytes(p.bytes_mirrored),
+            p.error
+                .as_deref()
+                .map(|e| format!(" (error: {e})"))
+                .unwrap_or_default()
+        );
+    }
 }
 
 fn duration(secs: f64) -> String {
@@ -172,20 +276,5 @@ fn duration(secs: f64) -> String {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{:02}s", s / 60, s % 60),
         _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }

@@ -1,0 +1,366 @@
+//! `hotbackup copy`: a point-in-time image of the whole mount, without database
+//! coordination. The agent runs it on the client's connection: prepare the target, start
+//! the capture session, stream progress, stop at the end of the copy phase (the validity
+//! point), then finish the image (metadata, checksums, fsync, manifest).
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use capture::PassthroughFs;
+use capture::session::{CaptureError, EntryMeta, Phase, Progress, SessionOptions, ValidityPoint};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Source, Totals};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error(
+        "target {0} is not empty; name a new or empty directory (a backup never overwrites anything)"
+    )]
+    TargetNotEmpty(PathBuf),
+    #[error("target {0} exists and is not a directory; name a new or empty directory")]
+    TargetNotDirectory(PathBuf),
+    #[error(
+        "target {target} is inside {inside}; put backups outside the mount and its backing directory"
+    )]
+    TargetInside { target: PathBuf, inside: PathBuf },
+    #[error("cannot prepare target {target}: {error}")]
+    Target { target: PathBuf, error: io::Error },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("the client went away; the session was aborted and {0} is marked incomplete")]
+    ClientGone(PathBuf),
+    #[error("finishing the image in {target} failed: {error}; it is marked incomplete")]
+    Finish { target: PathBuf, error: io::Error },
+}
+
+/// What a finished copy reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CopySummary {
+    pub target: PathBuf,
+    pub files: u64,
+    pub bytes: u64,
+    pub bytes_copied: u64,
+    pub bytes_mirrored: u64,
+    pub duration_secs: f64,
+    pub validity_point: String,
+}
+
+/// Runs a copy of the mount into `target`. `report` is called with progress every few
+/// hundred milliseconds; when it fails (the client is gone) the copy is aborted.
+pub fn run_copy(
+    fs: &PassthroughFs,
+    mountpoint: &Path,
+    target: &Path,
+    options: SessionOptions,
+    mut report: impl FnMut(&Progress) -> io::Result<()>,
+) -> Result<CopySummary, CopyError> {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let target = prepare_target(target, mountpoint, fs.backing())?;
+    let image = target.join(manifest::DATA);
+    fs::create_dir(&image).map_err(|error| CopyError::Target {
+        target: target.clone(),
+        error,
+    })?;
+    let parallel = options.parallel;
+    let options_json = serde_json::to_value(&options).unwrap_or_default();
+    let session = match fs.start_capture(&image, options) {
+        Ok(s) => s,
+        Err(e) => {
+            mark_incomplete(&target, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    loop {
+        let phase = session.wait_copied(Duration::from_millis(250));
+        if report(&session.progress()).is_err() {
+            fs.abort_capture("the client went away");
+            mark_incomplete(&target, "the client went away during the copy");
+            return Err(CopyError::ClientGone(target));
+        }
+        match phase {
+            Phase::Copying => continue,
+            Phase::Copied => break,
+            Phase::Aborted | Phase::Stopped => {
+                let reason = session.error().unwrap_or_else(|| "aborted".into());
+                fs.abort_capture(&reason);
+                mark_incomplete(&target, &reason);
+                return Err(CaptureError::Aborted(reason).into());
+            }
+        }
+    }
+    let vp = match fs.stop_capture() {
+        Ok(vp) => vp,
+        Err(e) => {
+            mark_incomplete(&target, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    let _ = report(&vp.progress);
+    let finished = finish_image(&target, &vp, parallel).and_then(|(entries, totals)| {
+        let manifest = Manifest {
+            format_version: manifest::FORMAT_VERSION,
+            tool: "hotbackup".into(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            kind: "copy".into(),
+            host: hostname(),
+            source: Source {
+                mountpoint: mountpoint.to_path_buf(),
+                backing: fs.backing().to_path_buf(),
+            },
+            started_at: manifest::rfc3339(started),
+            validity_point: manifest::rfc3339(vp.at),
+            finished_at: manifest::rfc3339(SystemTime::now()),
+            duration_secs: clock.elapsed().as_secs_f64(),
+            options: options_json,
+            totals: Totals {
+                bytes_copied: vp.progress.bytes_copied,
+                bytes_mirrored: vp.progress.bytes_mirrored,
+                ..totals
+            },
+            files: entries,
+        };
+        write_manifest(&target, &manifest)?;
+        Ok(manifest)
+    });
+    match finished {
+        Ok(m) => Ok(CopySummary {
+            target,
+            files: m.totals.files,
+            bytes: m.totals.bytes,
+            bytes_copied: m.totals.bytes_copied,
+            bytes_mirrored: m.totals.bytes_mirrored,
+            duration_secs: m.duration_secs,
+            validity_point: m.validity_point,
+        }),
+        Err(error) => {
+            mark_incomplete(&target, &format!("finishing the image failed: {error}"));
+            Err(CopyError::Finish { target, error })
+        }
+    }
+}
+
+/// Creates (or checks) the target: new or empty, outside the mount and the backing
+/// directory, and marked incomplete until the copy is finished.
+fn prepare_target(target: &Path, mountpoint: &Path, backing: &Path) -> Result<PathBuf, CopyError> {
+    let err = |error| CopyError::Target {
+        target: target.to_path_buf(),
+        error,
+    };
+    match fs::metadata(target) {
+        Ok(m) if !m.is_dir() => return Err(CopyError::TargetNotDirectory(target.into())),
+        Ok(_) => {
+            if fs::read_dir(target).map_err(err)?.next().is_some() {
+                return Err(CopyError::TargetNotEmpty(target.into()));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // Check where it would be before creating anything.
+    let resolved = resolve_nonexistent(target).map_err(err)?;
+    for inside in [mountpoint, backing] {
+        let inside = fs::canonicalize(inside).unwrap_or_else(|_| inside.to_path_buf());
+        if resolved.starts_with(&inside) || inside.starts_with(&resolved) {
+            return Err(CopyError::TargetInside {
+                target: target.into(),
+                inside,
+            });
+        }
+    }
+    fs::create_dir_all(target).map_err(err)?;
+    let target = fs::canonicalize(target).map_err(err)?;
+    fs::write(
+        manifest::incomplete_marker(&target),
+        "this backup is not finished: a copy is running or was interrupted\n",
+    )
+    .map_err(err)?;
+    Ok(target)
+}
+
+/// The absolute path `p` would have, resolving symlinks in the part that exists.
+fn resolve_nonexistent(p: &Path) -> io::Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    };
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(
+            existing
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_default(),
+        );
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    let mut out = fs::canonicalize(existing)?;
+    for part in rest.into_iter().rev() {
+        out.push(part);
+    }
+    Ok(out)
+}
+
+fn mark_incomplete(target: &Path, reason: &str) {
+    let _ = fs::write(
+        manifest::incomplete_marker(target),
+        format!("this backup is not usable: {reason}\n"),
+    );
+}
+
+/// Applies the validity point's metadata, checksums every file, and fsyncs everything.
+fn finish_image(
+    target: &Path,
+    vp: &ValidityPoint,
+    parallel: usize,
+) -> io::Result<(Vec<ManifestEntry>, Totals)> {
+    let image = target.join(manifest::DATA);
+    // Files and links first, directories after (deepest first), so that nothing done
+    // later changes a directory's recorded times.
+    let mut metas: Vec<&EntryMeta> = vp.entries.iter().collect();
+    metas.sort_by_key(|m| {
+        let is_dir = m.mode & libc::S_IFMT == libc::S_IFDIR;
+        (is_dir, std::cmp::Reverse(m.rel.components().count()))
+    });
+    for meta in &metas {
+        apply_meta(&image.join(&meta.rel), meta)?;
+    }
+    let mut entries = Vec::new();
+    let mut totals = Totals::default();
+    let mut files = Vec::new();
+    let mut dirs = vec![image.clone()];
+    let mut stack = vec![PathBuf::new()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(image.join(&dir))? {
+            let e = e?;
+            let rel = dir.join(e.file_name());
+            let m = fs::symlink_metadata(image.join(&rel))?;
+            let (kind, target_link) = if m.is_dir() {
+                stack.push(rel.clone());
+                dirs.push(image.join(&rel));
+                totals.directories += 1;
+                (EntryKind::Directory, None)
+            } else if m.file_type().is_symlink() {
+                totals.symlinks += 1;
+                (EntryKind::Symlink, Some(fs::read_link(image.join(&rel))?))
+            } else {
+                totals.files += 1;
+                totals.bytes += m.len();
+                files.push(entries.len());
+                (EntryKind::File, None)
+            };
+            entries.push(ManifestEntry {
+                path: rel,
+                kind,
+                size: if m.is_file() { m.len() } else { 0 },
+                mode: m.mode(),
+                blake3: None,
+                target: target_link,
+            });
+        }
+    }
+    hash_and_sync(&image, &mut entries, &files, parallel.max(1))?;
+    for d in dirs.iter().rev() {
+        File::open(d)?.sync_all()?;
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((entries, totals))
+}
+
+fn apply_meta(path: &Path, meta: &EntryMeta) -> io::Result<()> {
+    let is_link = meta.mode & libc::S_IFMT == libc::S_IFLNK;
+    std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+    if !is_link {
+        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode & 0o7777))?;
+    }
+    let times = [
+        libc::timespec {
+            tv_sec: meta.atime.0 as libc::time_t,
+            tv_nsec: meta.atime.1 as libc::c_long,
+        },
+        libc::timespec {
+            tv_sec: meta.mtime.0 as libc::time_t,
+            tv_nsec: meta.mtime.1 as libc::c_long,
+        },
+    ];
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated path and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// blake3 of every file (as it is in the image, which is final), fsyncing each.
+fn hash_and_sync(
+    image: &Path,
+    entries: &mut [ManifestEntry],
+    files: &[usize],
+    parallel: usize,
+) -> io::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<io::Result<Vec<(usize, String)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&idx) = files.get(i) else { break };
+                        let path = image.join(&entries[idx].path);
+                        let mut hasher = blake3::Hasher::new();
+                        let file = File::open(&path)?;
+                        hasher.update_reader(&file)?;
+                        file.sync_all()?;
+                        out.push((idx, hasher.finalize().to_hex().to_string()));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a checksum thread panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        for (idx, hash) in r? {
+            entries[idx].blake3 = Some(hash);
+        }
+    }
+    Ok(())
+}
+
+fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
+    let tmp = target.join(format!("{}.tmp", manifest::MANIFEST));
+    let text = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
+    fs::write(&tmp, text)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, target.join(manifest::MANIFEST))?;
+    fs::remove_file(manifest::incomplete_marker(target))?;
+    File::open(target)?.sync_all()
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,76 @@
+//! The image's manifest (`backup.json`) and the marker that flags an unfinished target.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "backup.json";
+/// Present while a target is not a finished backup; later commands refuse such a target.
+pub const INCOMPLETE: &str = "INCOMPLETE";
+/// Where the image of the data directory goes inside a target.
+pub const DATA: &str = "data";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub tool: String,
+    pub tool_version: String,
+    /// `copy` for a raw tree image (database backups come later).
+    pub kind: String,
+    pub host: String,
+    pub source: Source,
+    pub started_at: String,
+    pub validity_point: String,
+    pub finished_at: String,
+    pub duration_secs: f64,
+    pub options: serde_json::Value,
+    pub totals: Totals,
+    pub files: Vec<ManifestEntry>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Source {
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Totals {
+    pub files: u64,
+    pub directories: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub bytes_copied: u64,
+    pub bytes_mirrored: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ManifestEntry {
+    /// Relative to `data/`.
+    pub path: PathBuf,
+    #[serde(rename = "type")]
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mode: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub blake3: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    File,
+    Directory,
+    Symlink,
+}
+
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+pub fn incomplete_marker(target: &Path) -> PathBuf {
+    target.join(INCOMPLETE)
+}

@@ -1,0 +1,123 @@
+//! Rendering progress and sizes for people (a bar on a terminal) or machines (JSON lines).
+
+use std::io::IsTerminal;
+
+use agent::copy::CopySummary;
+use capture::session::Progress;
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar when stderr is a terminal, JSON lines on stdout otherwise.
+    Auto,
+    Bar,
+    Json,
+    None,
+}
+
+pub trait ProgressSink {
+    fn update(&mut self, p: &Progress);
+    fn finish(&mut self);
+}
+
+pub fn sink(mode: ProgressMode) -> Box<dyn ProgressSink> {
+    let mode = match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => ProgressMode::Bar,
+        ProgressMode::Auto => ProgressMode::Json,
+        m => m,
+    };
+    match mode {
+        ProgressMode::Bar => Box::new(Bar::new()),
+        ProgressMode::Json => Box::new(JsonLines),
+        _ => Box::new(Quiet),
+    }
+}
+
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new() -> Bar {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .expect("valid template"),
+        );
+        Bar(bar)
+    }
+}
+
+impl ProgressSink for Bar {
+    fn update(&mut self, p: &Progress) {
+        self.0.set_length(p.bytes_total.max(p.bytes_copied));
+        self.0.set_position(p.bytes_copied);
+        self.0.set_message(format!(
+            "{}/{} files, {} mirrored{}",
+            p.files_copied,
+            p.files_total,
+            bytes(p.bytes_mirrored),
+            p.current_file
+                .as_deref()
+                .map(|f| format!(", {f}"))
+                .unwrap_or_default()
+        ));
+    }
+
+    fn finish(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+struct JsonLines;
+
+impl ProgressSink for JsonLines {
+    fn update(&mut self, p: &Progress) {
+        if let Ok(line) = serde_json::to_string(&serde_json::json!({ "progress": p })) {
+            println!("{line}");
+        }
+    }
+
+    fn finish(&mut self) {}
+}
+
+struct Quiet;
+
+impl ProgressSink for Quiet {
+    fn update(&mut self, _: &Progress) {}
+    fn finish(&mut self) {}
+}
+
+pub fn summary(s: &CopySummary, json: bool) -> String {
+    if json {
+        return serde_json::to_string(&serde_json::json!({ "copied": s })).unwrap_or_default();
+    }
+    let rate = s.bytes_copied as f64 / s.duration_secs.max(1e-3);
+    format!(
+        "copied {} files, {} into {}\n  {} copied, {} mirrored, {:.1}s ({}/s)\n  validity point {}",
+        s.files,
+        bytes(s.bytes),
+        s.target.display(),
+        bytes(s.bytes_copied),
+        bytes(s.bytes_mirrored),
+        s.duration_secs,
+        bytes(rate as u64),
+        s.validity_point
+    )
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
