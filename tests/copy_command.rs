@@ -1,0 +1,308 @@
+//! `hotbackup copy` through the real agent: exact images with a manifest, refusals,
+//! faults that must never reach the application (a full target, a killed client), and a
+//! MariaDB under load that sees no errors while it is copied.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mariadb::{LoadOptions, MariaDb, ServerUser, WriteLoad};
+use common::{Agent, hotbackup, hotbackup_bin, is_mounted};
+
+fn copy(agent: &Agent, target: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "copy",
+        "--mountpoint",
+        agent.mountpoint.to_str().unwrap(),
+        "--target-dir",
+        target.to_str().unwrap(),
+        "--progress",
+        "none",
+    ];
+    args.extend_from_slice(extra);
+    hotbackup(&args)
+}
+
+fn spawn_copy(agent: &Agent, target: &Path, extra: &[&str]) -> Child {
+    Command::new(hotbackup_bin())
+        .args(["copy", "--mountpoint"])
+        .arg(&agent.mountpoint)
+        .arg("--target-dir")
+        .arg(target)
+        .args(["--progress", "json"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn status(agent: &Agent) -> serde_json::Value {
+    let out = hotbackup(&[
+        "status",
+        "--json",
+        "--socket",
+        agent.socket.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fill(agent: &Agent, files: usize, size: usize) {
+    fs::create_dir_all(agent.mnt("db")).unwrap();
+    for i in 0..files {
+        let data: Vec<u8> = (0..size).map(|b| (b * 31 + i) as u8).collect();
+        fs::write(agent.mnt(&format!("db/t{i}.ibd")), data).unwrap();
+    }
+}
+
+#[test]
+fn copy_of_a_quiet_tree_is_exact_with_checksums_and_metadata() {
+    let agent = Agent::start();
+    fill(&agent, 5, 200_000);
+    fs::set_permissions(
+        agent.mnt("db/t0.ibd"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(agent.mnt("db/t1.ibd"), Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::symlink("db/t0.ibd", agent.mnt("link")).unwrap();
+    let t = fs::FileTimes::new()
+        .set_modified(std::time::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789));
+    File::options()
+        .write(true)
+        .open(agent.mnt("db/t2.ibd"))
+        .unwrap()
+        .set_times(t)
+        .unwrap();
+    let target = agent.dir.path().join("backup");
+    let out = copy(&agent, &target, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("copied 5 files"), "{text}");
+    assert!(!target.join("INCOMPLETE").exists());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(target.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format_version"], 1);
+    assert_eq!(manifest["totals"]["files"], 5);
+    let files = manifest["files"].as_array().unwrap();
+    for f in files.iter().filter(|f| f["type"] == "file") {
+        let path = target.join("data").join(f["path"].as_str().unwrap());
+        let data = fs::read(&path).unwrap();
+        assert_eq!(
+            f["blake3"].as_str().unwrap(),
+            blake3::hash(&data).to_hex().as_str(),
+            "{}",
+            path.display()
+        );
+        assert_eq!(f["size"].as_u64().unwrap(), data.len() as u64);
+        assert_eq!(
+            data,
+            fs::read(agent.mnt(f["path"].as_str().unwrap())).unwrap()
+        );
+    }
+    let img = |p: &str| fs::symlink_metadata(target.join("data").join(p)).unwrap();
+    assert_eq!(img("db/t0.ibd").mode() & 0o7777, 0o640);
+    assert_eq!(
+        (img("db/t1.ibd").uid(), img("db/t1.ibd").gid()),
+        (65534, 65534)
+    );
+    assert_eq!(
+        (img("db/t2.ibd").mtime(), img("db/t2.ibd").mtime_nsec()),
+        (1_600_000_000, 123_456_789)
+    );
+    assert!(img("link").file_type().is_symlink());
+    assert_eq!(
+        fs::read_link(target.join("data/link")).unwrap().to_str(),
+        Some("db/t0.ibd")
+    );
+}
+
+#[test]
+fn copy_refuses_bad_targets_and_a_second_session() {
+    let agent = Agent::start();
+    fill(&agent, 4, 1 << 20);
+    let taken = agent.dir.path().join("taken");
+    fs::create_dir(&taken).unwrap();
+    fs::write(taken.join("keep"), b"mine").unwrap();
+    let out = copy(&agent, &taken, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("not empty"), "{err}");
+    assert_eq!(fs::read(taken.join("keep")).unwrap(), b"mine");
+    assert_eq!(fs::read_dir(&taken).unwrap().count(), 1);
+    for inside in [agent.mnt("backup"), agent.backing.join("backup")] {
+        let out = copy(&agent, &inside, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("outside the mount"), "{err}");
+        assert!(!inside.exists(), "a refused target was created");
+    }
+    // A slow copy runs; a second one is refused and the first still completes.
+    let first_target = agent.dir.path().join("first");
+    let first = spawn_copy(&agent, &first_target, &["--throttle", "1"]);
+    wait_for("the first session", Duration::from_secs(20), || {
+        !status(&agent)["session"].is_null()
+    });
+    let out = copy(&agent, &agent.dir.path().join("second"), &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("already running"), "{err}");
+    let done = first.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(first_target.join("backup.json").exists());
+}
+
+#[test]
+fn a_full_target_aborts_the_session_but_never_an_application_write() {
+    let agent = Agent::start();
+    fill(&agent, 6, 1 << 20);
+    let small = agent.dir.path().join("small");
+    fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "hb-test-tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _cleanup = Unmount(&small);
+    // An application keeps writing on the mount during the whole copy.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (path, stop) = (agent.mnt("db/t0.ibd"), stop.clone());
+        std::thread::spawn(move || {
+            let f = OpenOptions::new().write(true).open(path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                f.write_all_at(&[9u8; 4096], (n % 200) * 4096)
+                    .expect("application write failed");
+                n += 1;
+            }
+            n
+        })
+    };
+    let out = copy(&agent, &small.join("backup"), &[]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let writes = writer
+        .join()
+        .expect("the application's writes must all succeed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left"), "{err}");
+    assert!(writes > 0);
+    let marker = fs::read_to_string(small.join("backup/INCOMPLETE")).unwrap();
+    assert!(marker.contains("No space left"), "{marker}");
+    assert!(
+        status(&agent)["session"].is_null(),
+        "the aborted session must be gone"
+    );
+    // The mount serves on, and the next copy (with room) works.
+    fs::write(agent.mnt("after"), b"still fine").unwrap();
+    let out = copy(&agent, &agent.dir.path().join("roomy"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_killed_client_aborts_the_session_and_the_mount_serves_on() {
+    let agent = Agent::start();
+    fill(&agent, 8, 1 << 20);
+    let target = agent.dir.path().join("killed");
+    let mut client = spawn_copy(&agent, &target, &["--throttle", "1"]);
+    wait_for("the session", Duration::from_secs(20), || {
+        !status(&agent)["session"].is_null()
+    });
+    client.kill().unwrap();
+    client.wait().unwrap();
+    wait_for(
+        "the agent to abort the session",
+        Duration::from_secs(20),
+        || status(&agent)["session"].is_null(),
+    );
+    assert!(is_mounted(&agent.mountpoint));
+    let marker = fs::read_to_string(target.join("INCOMPLETE")).unwrap();
+    assert!(marker.contains("client went away"), "{marker}");
+    assert!(!target.join("backup.json").exists());
+    fs::write(agent.mnt("db/new"), b"the mount keeps serving").unwrap();
+    let out = copy(&agent, &agent.dir.path().join("next"), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(agent.dir.path().join("next/data/db/new")).unwrap(),
+        b"the mount keeps serving"
+    );
+}
+
+#[test]
+fn mariadb_under_load_sees_no_errors_while_it_is_copied() {
+    let agent = Agent::start();
+    let mut db = MariaDb::init_and_start(&agent.mountpoint, ServerUser::Root);
+    let load = WriteLoad::start(&db, LoadOptions::default());
+    assert!(
+        load.wait_until_acked(20, Duration::from_secs(60)),
+        "the load did not get going"
+    );
+    let target = agent.dir.path().join("dbcopy");
+    let out = copy(&agent, &target, &["--parallel", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = load.stop();
+    for w in &report.workers {
+        assert!(
+            w.exit.is_some_and(|s| s.success()),
+            "load client {} failed: {}",
+            w.worker,
+            w.stderr
+        );
+    }
+    assert!(
+        db.error_lines().is_empty(),
+        "server errors during the copy: {:?}",
+        db.error_lines()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(target.join("backup.json")).unwrap()).unwrap();
+    assert!(manifest["totals"]["files"].as_u64().unwrap() > 10);
+    assert!(target.join("data/ibdata1").exists());
+    db.shutdown();
+}
