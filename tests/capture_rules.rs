@@ -121,3 +121,94 @@ fn writes_after_the_stop_are_not_in_the_image() {
     fs::write(rig.m("later"), b"x").unwrap();
     assert_image_is(&rig, &expected);
 }
+
+/// Holds a thread at a hook point until the test releases it.
+struct Gate {
+    state: std::sync::Mutex<(bool, bool)>, // (arrived, released)
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    fn new() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            state: std::sync::Mutex::new((false, false)),
+            cv: std::sync::Condvar::new(),
+        })
+    }
+    fn hold(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        self.cv.notify_all();
+        while !s.1 {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    fn wait_arrived(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            s = self
+                .cv
+                .wait_timeout(s, std::time::Duration::from_secs(10))
+                .unwrap()
+                .0;
+        }
+    }
+    fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+#[test]
+fn truncate_below_the_copied_range_then_regrow() {
+    for copied_chunks in 0..5 {
+        truncate_then_regrow_with_copier_at(copied_chunks);
+    }
+}
+
+fn truncate_then_regrow_with_copier_at(copied_chunks: u64) {
+    let rig = Rig::new();
+    let chunk = 64 * 1024u64;
+    let data: Vec<u8> = (0..289_348u32).map(|b| (b % 251) as u8).collect();
+    fs::write(rig.m("f"), &data).unwrap();
+    let gate = Gate::new();
+    let g = gate.clone();
+    rig.mounted.fs.hooks.set(
+        "copier.before_chunk",
+        std::sync::Arc::new(move |_, off| {
+            if off == copied_chunks * chunk {
+                g.hold();
+            }
+        }),
+    );
+    let session = rig.start(SessionOptions {
+        parallel: 1,
+        chunk_size: chunk,
+        ..SessionOptions::default()
+    });
+    gate.wait_arrived(); // two chunks copied, the copier waits before the third
+    let f = OpenOptions::new().write(true).open(rig.m("f")).unwrap();
+    f.set_len(58_107).unwrap();
+    f.write_all_at(&vec![20u8; 30_929], 51_640).unwrap();
+    f.write_all_at(&vec![26u8; 35_551], 202_370).unwrap();
+    gate.release();
+    let expected = tree(&rig.mnt);
+    rig.finish(&session);
+    rig.mounted.fs.hooks.clear();
+    assert_image_is(&rig, &expected);
+}
+
+/// Regression (found by the model test): the copier marked only the end of a file's tail
+/// as copied, so overwrites inside a small, already copied file were not mirrored.
+#[test]
+fn overwrites_of_a_fully_copied_small_file_are_mirrored() {
+    let rig = Rig::new();
+    fs::write(rig.m("small"), vec![1u8; 10_000]).unwrap();
+    let session = rig.start(small_chunks());
+    session.wait_copied(std::time::Duration::from_secs(30));
+    let f = OpenOptions::new().write(true).open(rig.m("small")).unwrap();
+    f.write_all_at(&[2u8; 100], 5_000).unwrap();
+    let expected = tree(&rig.mnt);
+    rig.finish(&session);
+    assert_image_is(&rig, &expected);
+}

@@ -5,12 +5,12 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use capture::PassthroughFs;
-use capture::session::{CaptureError, EntryMeta, Phase, Progress, SessionOptions, ValidityPoint};
+use capture::session::{CaptureError, Phase, Progress, SessionOptions, ValidityPoint};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Source, Totals};
@@ -221,16 +221,7 @@ fn finish_image(
     parallel: usize,
 ) -> io::Result<(Vec<ManifestEntry>, Totals)> {
     let image = target.join(manifest::DATA);
-    // Files and links first, directories after (deepest first), so that nothing done
-    // later changes a directory's recorded times.
-    let mut metas: Vec<&EntryMeta> = vp.entries.iter().collect();
-    metas.sort_by_key(|m| {
-        let is_dir = m.mode & libc::S_IFMT == libc::S_IFDIR;
-        (is_dir, std::cmp::Reverse(m.rel.components().count()))
-    });
-    for meta in &metas {
-        apply_meta(&image.join(&meta.rel), meta)?;
-    }
+    vp.apply_metadata(&image)?;
     let mut entries = Vec::new();
     let mut totals = Totals::default();
     let mut files = Vec::new();
@@ -271,39 +262,6 @@ fn finish_image(
     }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((entries, totals))
-}
-
-fn apply_meta(path: &Path, meta: &EntryMeta) -> io::Result<()> {
-    let is_link = meta.mode & libc::S_IFMT == libc::S_IFLNK;
-    std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
-    if !is_link {
-        fs::set_permissions(path, fs::Permissions::from_mode(meta.mode & 0o7777))?;
-    }
-    let times = [
-        libc::timespec {
-            tv_sec: meta.atime.0 as libc::time_t,
-            tv_nsec: meta.atime.1 as libc::c_long,
-        },
-        libc::timespec {
-            tv_sec: meta.mtime.0 as libc::time_t,
-            tv_nsec: meta.mtime.1 as libc::c_long,
-        },
-    ];
-    let c =
-        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: a NUL-terminated path and two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// blake3 of every file (as it is in the image, which is final), fsyncing each.

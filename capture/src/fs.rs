@@ -17,6 +17,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::direct::{self, DirectFile};
 use crate::gate::{CaptureGate, Pass};
+use crate::hooks::Hooks;
 use crate::inode::{Inode, InodeKey, InodeTable};
 use crate::session::{CaptureError, CaptureSession, NamespaceGuard, SessionOptions, ValidityPoint};
 use crate::stats::FsStats;
@@ -102,6 +103,8 @@ pub struct PassthroughFs {
     gate: CaptureGate<CaptureSession>,
     /// Serializes starting and stopping sessions.
     capture_ctl: Mutex<()>,
+    /// Pause points for race tests.
+    pub hooks: Arc<Hooks>,
 }
 
 /// A namespace operation's way in: the session's namespace lock (taken first, so that a
@@ -160,6 +163,7 @@ impl PassthroughFs {
             ttl: Duration::from_secs(1),
             gate: CaptureGate::new(),
             capture_ctl: Mutex::new(()),
+            hooks: Arc::new(Hooks::default()),
         })
     }
 
@@ -186,7 +190,12 @@ impl PassthroughFs {
         if self.gate.peek().is_some() {
             return Err(CaptureError::SessionRunning);
         }
-        let session = Arc::new(CaptureSession::new(&self.backing, image, options)?);
+        let session = Arc::new(CaptureSession::new(
+            &self.backing,
+            image,
+            options,
+            self.hooks.clone(),
+        )?);
         let ns = session.namespace();
         // From here on every operation sees the session; namespace operations wait for
         // the skeleton to be built.
@@ -550,10 +559,16 @@ impl PassthroughFs {
         let cname = cstr(name)?;
         let cnewname = cstr(newname)?;
         let mirror = ns.session().and_then(|_| {
-            let replaced = sys::fstatat(to.fd(), &cnewname, libc::AT_SYMLINK_NOFOLLOW)
-                .ok()
-                .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
-                .map(|st| InodeKey::of(&st));
+            let key_at = |dir: &Inode, name: &CStr| {
+                sys::fstatat(dir.fd(), name, libc::AT_SYMLINK_NOFOLLOW)
+                    .ok()
+                    .map(|st| InodeKey::of(&st))
+            };
+            let replaced = key_at(&to, &cnewname);
+            // Renaming a name onto another link of the same inode changes nothing.
+            if replaced.is_some() && replaced == key_at(&from, &cname) {
+                return None;
+            }
             Some((
                 self.child_rel(&from, name)?,
                 self.child_rel(&to, newname)?,
@@ -708,6 +723,7 @@ impl PassthroughFs {
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_suidgid: bool) -> FsResult<usize> {
         let handle = self.handle(fh)?;
         let pass = self.gate.enter();
+        self.hooks.fire("write.entered", offset);
         let n = match &pass.session {
             None => self.write_source(&handle, offset, data)?,
             Some(session) => session.write(handle.inode.key, offset, data, || {

@@ -5,6 +5,7 @@ pub mod direct;
 pub mod fs;
 pub mod fuse;
 pub mod gate;
+pub mod hooks;
 pub mod inode;
 pub mod mount;
 pub mod mountinfo;

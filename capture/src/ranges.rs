@@ -71,35 +71,6 @@ impl CopiedRanges {
         self.tail_from = Some(start);
     }
 
-    /// Forgets everything at or beyond `size` (the file was truncated there). Bytes that
-    /// come back later by extension are new, so they count as copied only where the
-    /// tail already did.
-    pub fn truncate(&mut self, size: u64) {
-        self.spans.retain(|&s, _| s < size);
-        if let Some((_, e)) = self.spans.iter_mut().next_back() {
-            *e = (*e).min(size);
-        }
-        if let Some(t) = self.tail_from
-            && t > size
-        {
-            // The part from `size` to the old tail start is gone; what the copier
-            // had not reached is gone too, and regrown bytes are new writes that the
-            // tail (which still starts at `t`) would not cover: pull the tail in.
-            self.tail_from = Some(size);
-            self.insert_before_tail();
-        }
-    }
-
-    fn insert_before_tail(&mut self) {
-        if let Some(t) = self.tail_from
-            && let Some((&s, &e)) = self.spans.iter().next_back()
-            && e >= t
-        {
-            self.spans.remove(&s);
-            self.tail_from = Some(s.min(t));
-        }
-    }
-
     /// The parts of `[start, end)` that are copied, in order.
     pub fn overlap(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
@@ -160,14 +131,12 @@ mod tests {
     enum Op {
         Insert(u64, u64),
         Tail(u64),
-        Truncate(u64),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (0u64..200, 0u64..60).prop_map(|(s, l)| Op::Insert(s, s + l)),
             1 => (0u64..200).prop_map(Op::Tail),
-            1 => (0u64..200).prop_map(Op::Truncate),
         ]
     }
 
@@ -185,13 +154,6 @@ mod tests {
                     Op::Tail(t) => {
                         set.set_tail(t);
                         model.tail = Some(model.tail.map_or(t, |x| x.min(t)));
-                    }
-                    Op::Truncate(size) => {
-                        set.truncate(size);
-                        for b in size..300 { model.bytes[b as usize] = false; }
-                        if model.tail.is_some_and(|t| t > size) {
-                            model.tail = Some(size);
-                        }
                     }
                 }
             }

@@ -24,6 +24,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use parking_lot::{ArcMutexGuard, Condvar, Mutex, RawMutex, RwLock};
 use serde::{Deserialize, Serialize};
 
+use crate::hooks::Hooks;
 use crate::inode::InodeKey;
 use crate::rangelock::{RangeLock, TO_END};
 use crate::ranges::CopiedRanges;
@@ -127,6 +128,59 @@ pub struct ValidityPoint {
     pub entries: Vec<EntryMeta>,
 }
 
+impl ValidityPoint {
+    /// Gives every image entry the mode, owner and times its source had at the validity
+    /// point. Files and links first, then directories deepest first, so that nothing done
+    /// later changes a directory's recorded times.
+    pub fn apply_metadata(&self, image: &Path) -> io::Result<()> {
+        let mut metas: Vec<&EntryMeta> = self.entries.iter().collect();
+        metas.sort_by_key(|m| {
+            let is_dir = m.mode & libc::S_IFMT == libc::S_IFDIR;
+            (is_dir, std::cmp::Reverse(m.rel.components().count()))
+        });
+        for meta in metas {
+            apply_meta(&image.join(&meta.rel), meta)?;
+        }
+        Ok(())
+    }
+}
+
+fn apply_meta(path: &Path, meta: &EntryMeta) -> io::Result<()> {
+    let is_link = meta.mode & libc::S_IFMT == libc::S_IFLNK;
+    std::os::unix::fs::lchown(path, Some(meta.uid), Some(meta.gid))?;
+    if !is_link {
+        std::fs::set_permissions(
+            path,
+            std::os::unix::fs::PermissionsExt::from_mode(meta.mode & 0o7777),
+        )?;
+    }
+    let times = [
+        libc::timespec {
+            tv_sec: meta.atime.0 as libc::time_t,
+            tv_nsec: meta.atime.1 as libc::c_long,
+        },
+        libc::timespec {
+            tv_sec: meta.mtime.0 as libc::time_t,
+            tv_nsec: meta.mtime.1 as libc::c_long,
+        },
+    ];
+    let c =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a NUL-terminated path and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Capture state of one source file.
 struct FileCapture {
     lock: RangeLock,
@@ -185,6 +239,7 @@ pub struct CaptureSession {
     bytes_copied: AtomicU64,
     bytes_mirrored: AtomicU64,
     current: Mutex<Option<PathBuf>>,
+    hooks: Arc<Hooks>,
 }
 
 /// Names of append-only logs that are hot until the end: copied last, so that the copy
@@ -208,6 +263,7 @@ impl CaptureSession {
         source_root: &Path,
         image_root: &Path,
         options: SessionOptions,
+        hooks: Arc<Hooks>,
     ) -> Result<CaptureSession, CaptureError> {
         let mut globs = GlobSetBuilder::new();
         for pattern in &options.exclude {
@@ -241,6 +297,7 @@ impl CaptureSession {
             bytes_copied: AtomicU64::new(0),
             bytes_mirrored: AtomicU64::new(0),
             current: Mutex::new(None),
+            hooks,
         })
     }
 
@@ -457,6 +514,9 @@ impl CaptureSession {
         key: InodeKey,
         fc: &FileCapture,
     ) -> Result<Option<(File, Arc<File>)>, CaptureError> {
+        // Under the namespace lock: a source rename and its image rename (and the names
+        // recorded here) change together, so the name found is the file's current one.
+        let _ns = self.ns.lock();
         let paths = self.paths.read();
         let Some(rel) = paths.get(&key).and_then(|v| v.first()) else {
             return Ok(None); // unlinked before its turn
@@ -496,6 +556,7 @@ impl CaptureSession {
         let Some(fc) = self.file(&key) else {
             return Ok(());
         };
+        self.hooks.fire("copier.before_file", 0);
         let Some((src, dest)) = self.open_pair(key, &fc)? else {
             self.files_copied.fetch_add(1, Relaxed);
             return Ok(());
@@ -510,6 +571,7 @@ impl CaptureSession {
                 return Ok(());
             }
             self.throttle(chunk);
+            self.hooks.fire("copier.before_chunk", off);
             let guard = fc.lock.lock(off, off + chunk);
             match seek_data(src.as_fd(), off) {
                 // No data from here on: the rest is the tail.
@@ -527,6 +589,7 @@ impl CaptureSession {
             if (n as u64) < chunk {
                 break;
             }
+            self.hooks.fire("copier.chunk_read", off);
             sys::pwrite_full(dest.as_fd(), &buf[..n], off).map_err(write_err)?;
             fc.copied.lock().insert(off, off + n as u64);
             drop(guard);
@@ -535,6 +598,8 @@ impl CaptureSession {
         }
         // The tail, locked to the end of any file: appends wait, then get mirrored.
         let _tail = fc.lock.lock(off, TO_END);
+        self.hooks.fire("copier.tail", off);
+        let tail_start = off;
         loop {
             let n = sys::pread_full(src.as_fd(), buf, off).map_err(read_err)?;
             if n == 0 {
@@ -547,7 +612,10 @@ impl CaptureSession {
         let size = sys::fstat_path(src.as_fd()).map_err(read_err)?.st_size as u64;
         dest.set_len(size)
             .map_err(|e| io_err("sizing the image file", e))?;
-        fc.copied.lock().set_tail(off.min(size));
+        // Everything from where the tail began is in the image now (and, being locked to
+        // the end, stays so): later writes anywhere there, not just appends, are mirrored.
+        fc.copied.lock().set_tail(tail_start.min(size));
+        self.hooks.fire("copier.done", size);
         self.files_copied.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -580,6 +648,7 @@ impl CaptureSession {
         };
         let _range = fc.lock.lock(offset, offset + data.len() as u64);
         let n = write()?;
+        self.hooks.fire("write.before_mirror", offset);
         if n > 0 && self.live() && !fc.gone.load(SeqCst) {
             let spans = fc.copied.lock().overlap(offset, offset + n as u64);
             if !spans.is_empty() {
@@ -631,6 +700,7 @@ impl CaptureSession {
             if from >= to {
                 continue;
             }
+            self.hooks.fire("mirror.span", s);
             match sys::pwrite_full(dest.as_fd(), &data[from..to], s) {
                 Ok(n) if n == to - from => {
                     self.bytes_mirrored.fetch_add(n as u64, Relaxed);
@@ -651,8 +721,8 @@ impl CaptureSession {
     }
 
     /// Runs a size change of the source (`op`) with the file locked whole, then makes the
-    /// image agree: truncated ranges are no longer copied, and a fully copied file gets
-    /// the new size.
+    /// image agree: it is cut to the new size if longer, and a fully copied file gets
+    /// exactly the new size.
     pub fn resize<T, E>(
         &self,
         key: InodeKey,
@@ -671,10 +741,12 @@ impl CaptureSession {
             self.abort("could not read a file's size after a truncate");
             return Ok(r);
         };
-        let mut copied = fc.copied.lock();
-        copied.truncate(size);
-        let full = copied.covers(size, size.saturating_add(1));
-        drop(copied);
+        // The copied set stays as it is: bytes past the new end are zeros in the source
+        // from now on, and the image file is cut below, so its zeros there match; and the
+        // copier, which may already be past them, will not come back. Writes that regrow
+        // the file into copied ranges are therefore mirrored, as they must be.
+        let full = fc.copied.lock().covers(size, size.saturating_add(1));
+        self.hooks.fire("resize", size);
         if let Some(dest) = fc.dest() {
             let cur = dest.metadata().map(|m| m.len()).unwrap_or(0);
             if (full || cur > size)
@@ -877,10 +949,10 @@ impl CaptureSession {
         }
         for names in paths.values_mut() {
             for p in names.iter_mut() {
-                if let Ok(rest) = p.strip_prefix(from) {
-                    *p = to.join(rest);
-                } else if exchange && let Ok(rest) = p.strip_prefix(to) {
-                    *p = from.join(rest);
+                if let Some(moved) = rebase(p, from, to) {
+                    *p = moved;
+                } else if exchange && let Some(moved) = rebase(p, to, from) {
+                    *p = moved;
                 }
             }
         }
@@ -997,6 +1069,17 @@ impl NoFollow for std::fs::OpenOptions {
         use std::os::unix::fs::OpenOptionsExt;
         self.custom_flags(libc::O_NOFOLLOW)
     }
+}
+
+/// `p` with its leading `from` replaced by `to`, if it lies at or below `from`.
+fn rebase(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
+    let rest = p.strip_prefix(from).ok()?;
+    // `join("")` would append a trailing slash, which then fails on files.
+    Some(if rest.as_os_str().is_empty() {
+        to.to_path_buf()
+    } else {
+        to.join(rest)
+    })
 }
 
 fn cstring(p: &Path) -> CString {

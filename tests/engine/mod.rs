@@ -74,7 +74,9 @@ impl Rig {
             "copy did not finish: {:?}",
             session.error()
         );
-        self.mounted.fs.stop_capture().expect("stop capture")
+        let vp = self.mounted.fs.stop_capture().expect("stop capture");
+        vp.apply_metadata(&self.image).expect("apply metadata");
+        vp
     }
 }
 
@@ -94,16 +96,24 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
             let path = e.unwrap().path();
             let m = fs::symlink_metadata(&path).unwrap();
             let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            let meta = format!(
+                "{:o} {}:{} mtime={}.{:09}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.mtime(),
+                m.mtime_nsec()
+            );
             let desc = if m.is_dir() {
                 stack.push(path.clone());
-                format!("dir {:o}", m.mode())
+                format!("dir {meta}")
             } else if m.file_type().is_symlink() {
-                format!("symlink -> {}", fs::read_link(&path).unwrap().display())
+                let target = fs::read_link(&path).unwrap();
+                format!("symlink {meta} -> {}", target.display())
             } else if m.is_file() {
                 let data = fs::read(&path).unwrap();
                 format!(
-                    "file {:o} nlink={} size={} {}",
-                    m.mode(),
+                    "file {meta} nlink={} size={} {}",
                     m.nlink(),
                     m.len(),
                     digest(&data)
@@ -125,6 +135,31 @@ pub fn digest(data: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// Where two files' bytes differ, as ranges (for failure messages).
+fn byte_diff(want: &Path, got: &Path) -> String {
+    let (Ok(a), Ok(b)) = (fs::read(want), fs::read(got)) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let mut i = 0;
+    let n = a.len().max(b.len());
+    while i < n {
+        if a.get(i) != b.get(i) {
+            let start = i;
+            while i < n && a.get(i) != b.get(i) {
+                i += 1;
+            }
+            out += &format!(
+                "  bytes {start}..{i} differ (want {:?}.., got {:?}..)\n",
+                a.get(start),
+                b.get(start)
+            );
+        }
+        i += 1;
+    }
+    out
+}
+
 /// Asserts the image equals `expected` (a tree snapshot of the source at the stop).
 pub fn assert_image_is(rig: &Rig, expected: &BTreeMap<PathBuf, String>) {
     let got = tree(&rig.image);
@@ -134,7 +169,13 @@ pub fn assert_image_is(rig: &Rig, expected: &BTreeMap<PathBuf, String>) {
             match got.get(k) {
                 None => diff += &format!("missing in image: {} ({v})\n", k.display()),
                 Some(g) if g != v => {
-                    diff += &format!("differs: {}\n  want {v}\n  got  {g}\n", k.display())
+                    diff += &format!("differs: {}\n  want {v}\n  got  {g}\n", k.display());
+                    diff += &byte_diff(&rig.mnt.join(k), &rig.image.join(k));
+                    let backing = byte_diff(&rig.mnt.join(k), &rig.backing.join(k));
+                    if !backing.is_empty() {
+                        diff +=
+                            &format!("  and the backing file differs from the mount:\n{backing}");
+                    }
                 }
                 _ => {}
             }

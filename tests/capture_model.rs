@@ -1,0 +1,459 @@
+//! Reference-model property test of the capture engine: several threads apply random
+//! operations on the mount while a session copies; at a random moment the writers pause,
+//! the session stops, and the writers go on. The image must equal the tree as it was at
+//! the stop (contents, sizes, modes, owners, mtimes, link counts, symlinks; nothing extra
+//! or missing), whatever the writers did before and after.
+
+mod engine;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+
+use capture::session::SessionOptions;
+use engine::{Rig, assert_image_is, tree};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+const FILES: &[&str] = &["a", "b", "c", "d1/x", "d1/y", "d2/z", "d1/sub/w"];
+const DIRS: &[&str] = &["d1", "d2", "d1/sub", "d3"];
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        f: usize,
+        off: u64,
+        len: usize,
+        byte: u8,
+    },
+    Append {
+        f: usize,
+        len: usize,
+        byte: u8,
+    },
+    Truncate {
+        f: usize,
+        size: u64,
+    },
+    Create {
+        f: usize,
+    },
+    Unlink {
+        f: usize,
+    },
+    RenameFile {
+        from: usize,
+        to: usize,
+    },
+    RenameDir {
+        from: usize,
+        to: usize,
+    },
+    Mkdir {
+        d: usize,
+    },
+    Link {
+        f: usize,
+        to: usize,
+    },
+    Punch {
+        f: usize,
+        off: u64,
+        len: u64,
+    },
+    Chmod {
+        f: usize,
+        mode: u32,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let f = 0..FILES.len();
+    let d = 0..DIRS.len();
+    prop_oneof![
+        8 => (f.clone(), 0u64..400_000, 1usize..40_000, any::<u8>()).prop_map(|(f, off, len, byte)| Op::Write { f, off, len, byte }),
+        3 => (f.clone(), 1usize..20_000, any::<u8>()).prop_map(|(f, len, byte)| Op::Append { f, len, byte }),
+        2 => (f.clone(), 0u64..400_000).prop_map(|(f, size)| Op::Truncate { f, size }),
+        2 => f.clone().prop_map(|f| Op::Create { f }),
+        1 => f.clone().prop_map(|f| Op::Unlink { f }),
+        2 => (f.clone(), f.clone()).prop_map(|(from, to)| Op::RenameFile { from, to }),
+        1 => (d.clone(), d.clone()).prop_map(|(from, to)| Op::RenameDir { from, to }),
+        1 => d.prop_map(|d| Op::Mkdir { d }),
+        1 => (f.clone(), f.clone()).prop_map(|(f, to)| Op::Link { f, to }),
+        1 => (f.clone(), 0u64..400_000, 1u64..100_000).prop_map(|(f, off, len)| Op::Punch { f, off, len }),
+        1 => (f, prop::sample::select(vec![0o600u32, 0o644, 0o640, 0o755])).prop_map(|(f, mode)| Op::Chmod { f, mode }),
+    ]
+}
+
+/// Applies one operation; failures (a missing file, a rename onto a directory...) are
+/// part of the game: the tree at the stop is the truth either way.
+fn apply(root: &Path, op: &Op) {
+    let p = |i: usize| root.join(FILES[i]);
+    let d = |i: usize| root.join(DIRS[i]);
+    let _ = match *op {
+        Op::Write { f, off, len, byte } => OpenOptions::new()
+            .write(true)
+            .open(p(f))
+            .and_then(|file| file.write_all_at(&vec![byte; len], off)),
+        Op::Append { f, len, byte } => OpenOptions::new()
+            .append(true)
+            .open(p(f))
+            .and_then(|mut file| file.write_all(&vec![byte; len])),
+        Op::Truncate { f, size } => OpenOptions::new()
+            .write(true)
+            .open(p(f))
+            .and_then(|file| file.set_len(size)),
+        Op::Create { f } => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p(f))
+            .map(|_| ()),
+        Op::Unlink { f } => fs::remove_file(p(f)),
+        Op::RenameFile { from, to } => fs::rename(p(from), p(to)),
+        Op::RenameDir { from, to } => fs::rename(d(from), d(to)),
+        Op::Mkdir { d: i } => fs::create_dir(d(i)),
+        Op::Link { f, to } => fs::hard_link(p(f), p(to)),
+        Op::Punch { f, off, len } => OpenOptions::new().write(true).open(p(f)).map(|file| {
+            // SAFETY: fallocate on an fd this test owns.
+            unsafe {
+                libc::fallocate(
+                    file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as libc::off_t,
+                    len as libc::off_t,
+                );
+            }
+        }),
+        Op::Chmod { f, mode } => {
+            fs::set_permissions(p(f), std::os::unix::fs::PermissionsExt::from_mode(mode))
+        }
+    };
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    /// Initial file sizes (0 = absent).
+    initial: Vec<u32>,
+    /// Per writer thread: operations before the stop, and after.
+    writers: Vec<(Vec<Op>, Vec<Op>)>,
+    chunk_kib: u64,
+    parallel: usize,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(
+            prop_oneof![1 => Just(0u32), 3 => 1u32..300_000],
+            FILES.len(),
+        ),
+        prop::collection::vec(
+            (
+                prop::collection::vec(op(), 0..25),
+                prop::collection::vec(op(), 0..10),
+            ),
+            1..4,
+        ),
+        prop::sample::select(vec![4u64, 16, 64]),
+        1usize..3,
+    )
+        .prop_map(|(initial, writers, chunk_kib, parallel)| Case {
+            initial,
+            writers,
+            chunk_kib,
+            parallel,
+        })
+}
+
+fn reset(root: &Path) {
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
+fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
+    // A failed (panicked) case may have left its session behind.
+    rig.mounted.fs.abort_capture("next case");
+    reset(&rig.mnt);
+    reset(&rig.image);
+    for dir in DIRS.iter().take(3) {
+        fs::create_dir_all(rig.m(dir)).unwrap();
+    }
+    for (i, &size) in case.initial.iter().enumerate() {
+        if size > 0 {
+            let data: Vec<u8> = (0..size)
+                .map(|b| (b as u8).wrapping_mul(7).wrapping_add(i as u8))
+                .collect();
+            fs::write(rig.m(FILES[i]), data).unwrap();
+        }
+    }
+    let session = rig.start(SessionOptions {
+        parallel: case.parallel,
+        chunk_size: case.chunk_kib * 1024,
+        // Slow enough that the writers race the copier inside files.
+        throttle_bytes_per_sec: Some(40 << 20),
+        ..SessionOptions::default()
+    });
+    let pause = Arc::new(Barrier::new(case.writers.len() + 1));
+    let resume = Arc::new(Barrier::new(case.writers.len() + 1));
+    let threads: Vec<_> = case
+        .writers
+        .iter()
+        .cloned()
+        .map(|(before, after)| {
+            let (root, pause, resume) = (rig.mnt.clone(), pause.clone(), resume.clone());
+            std::thread::spawn(move || {
+                for op in &before {
+                    apply(&root, op);
+                }
+                pause.wait();
+                resume.wait();
+                for op in &after {
+                    apply(&root, op);
+                }
+            })
+        })
+        .collect();
+    pause.wait();
+    let vp = rig.finish(&session);
+    let expected = tree(&rig.mnt);
+    resume.wait();
+    for t in threads {
+        t.join().unwrap();
+    }
+    prop_assert!(
+        vp.progress.error.is_none(),
+        "session error: {:?}",
+        vp.progress.error
+    );
+    let got = tree(&rig.image);
+    if got != expected {
+        // Show the detailed difference.
+        assert_image_is(rig, &expected);
+    }
+    Ok(())
+}
+
+fn cases() -> u32 {
+    std::env::var("CAPTURE_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+#[test]
+fn image_equals_the_tree_at_the_stop() {
+    let rig = Rig::new();
+    let mut runner = TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&case(), |c| run_case(&rig, &c)) {
+        panic!("{e}\nKeep the minimal case above as a regression_* test.");
+    }
+}
+
+/// Runs a kept case `times` times (timing-dependent failures need repeats).
+fn regression(case: Case, times: usize) {
+    let rig = Rig::new();
+    let trace = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    if std::env::var("TRACE_HOOKS").is_ok() {
+        let t0 = std::time::Instant::now();
+        for point in [
+            "copier.before_file",
+            "copier.before_chunk",
+            "copier.chunk_read",
+            "copier.tail",
+            "copier.done",
+            "write.before_mirror",
+            "mirror.span",
+            "resize",
+        ] {
+            let trace = trace.clone();
+            rig.mounted.fs.hooks.set(
+                point,
+                std::sync::Arc::new(move |p, off| {
+                    trace
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:>8}us {p} {off}", t0.elapsed().as_micros()));
+                }),
+            );
+        }
+    }
+    for _ in 0..times {
+        trace.lock().unwrap().clear();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_case(&rig, &case).unwrap()
+        }));
+        if let Err(e) = r {
+            for line in trace.lock().unwrap().iter() {
+                eprintln!("{line}");
+            }
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+/// Found by the model test: a file truncated below the copier's position and regrown by
+/// writes lost bytes in the image.
+#[test]
+fn regression_truncate_below_copier_then_regrow() {
+    regression(
+        Case {
+            initial: vec![0, 0, 36964, 0, 40484, 6747, 289348],
+            writers: vec![
+                (
+                    vec![Op::Write {
+                        f: 2,
+                        off: 331457,
+                        len: 3717,
+                        byte: 103,
+                    }],
+                    vec![
+                        Op::Write {
+                            f: 3,
+                            off: 282954,
+                            len: 3473,
+                            byte: 45,
+                        },
+                        Op::Chmod { f: 6, mode: 0o640 },
+                        Op::Append {
+                            f: 0,
+                            len: 601,
+                            byte: 22,
+                        },
+                        Op::RenameFile { from: 4, to: 5 },
+                        Op::Write {
+                            f: 4,
+                            off: 251177,
+                            len: 36047,
+                            byte: 94,
+                        },
+                    ],
+                ),
+                (
+                    vec![
+                        Op::Write {
+                            f: 1,
+                            off: 308738,
+                            len: 32407,
+                            byte: 228,
+                        },
+                        Op::Truncate { f: 6, size: 58107 },
+                        Op::Create { f: 2 },
+                        Op::Punch {
+                            f: 3,
+                            off: 242133,
+                            len: 50750,
+                        },
+                        Op::Write {
+                            f: 1,
+                            off: 64142,
+                            len: 2164,
+                            byte: 204,
+                        },
+                        Op::Append {
+                            f: 2,
+                            len: 8417,
+                            byte: 11,
+                        },
+                        Op::Write {
+                            f: 4,
+                            off: 206270,
+                            len: 37119,
+                            byte: 226,
+                        },
+                        Op::Write {
+                            f: 6,
+                            off: 51640,
+                            len: 30929,
+                            byte: 20,
+                        },
+                        Op::Write {
+                            f: 5,
+                            off: 289816,
+                            len: 38084,
+                            byte: 48,
+                        },
+                        Op::Append {
+                            f: 2,
+                            len: 12775,
+                            byte: 88,
+                        },
+                        Op::Link { f: 5, to: 5 },
+                        Op::Punch {
+                            f: 2,
+                            off: 275624,
+                            len: 6917,
+                        },
+                        Op::Mkdir { d: 1 },
+                        Op::Write {
+                            f: 0,
+                            off: 210838,
+                            len: 21843,
+                            byte: 99,
+                        },
+                        Op::Create { f: 6 },
+                        Op::RenameFile { from: 0, to: 5 },
+                        Op::Append {
+                            f: 5,
+                            len: 4985,
+                            byte: 179,
+                        },
+                        Op::Truncate { f: 3, size: 285895 },
+                        Op::Write {
+                            f: 5,
+                            off: 233400,
+                            len: 20530,
+                            byte: 64,
+                        },
+                        Op::Write {
+                            f: 6,
+                            off: 202370,
+                            len: 35551,
+                            byte: 118,
+                        },
+                    ],
+                    vec![
+                        Op::Write {
+                            f: 1,
+                            off: 329139,
+                            len: 34662,
+                            byte: 86,
+                        },
+                        Op::Write {
+                            f: 2,
+                            off: 60382,
+                            len: 39915,
+                            byte: 123,
+                        },
+                        Op::Chmod { f: 1, mode: 0o640 },
+                        Op::Append {
+                            f: 0,
+                            len: 5267,
+                            byte: 167,
+                        },
+                        Op::Write {
+                            f: 1,
+                            off: 277699,
+                            len: 38635,
+                            byte: 153,
+                        },
+                    ],
+                ),
+            ],
+            chunk_kib: 64,
+            parallel: 1,
+        },
+        20,
+    );
+}
