@@ -212,3 +212,190 @@ fn overwrites_of_a_fully_copied_small_file_are_mirrored() {
     rig.finish(&session);
     assert_image_is(&rig, &expected);
 }
+
+fn hold_at(rig: &Rig, point: &'static str, at: u64) -> std::sync::Arc<Gate> {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let once = std::sync::atomic::AtomicBool::new(false);
+    rig.mounted.fs.hooks.set(
+        point,
+        std::sync::Arc::new(move |_, off| {
+            if off == at && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                g.hold();
+            }
+        }),
+    );
+    gate
+}
+
+/// Runs `f` on a thread and reports whether it finished within `wait`.
+fn blocked_for<T: Send + 'static>(
+    wait: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (bool, std::thread::JoinHandle<T>) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let handle = std::thread::spawn(move || {
+        let r = f();
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    std::thread::sleep(wait);
+    (!done.load(std::sync::atomic::Ordering::SeqCst), handle)
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+#[test]
+fn a_write_racing_a_chunk_copy_waits_and_is_mirrored() {
+    let rig = Rig::new();
+    fs::write(rig.m("f"), vec![1u8; 256 * 1024]).unwrap();
+    // The copier has read chunk 0 (old bytes) and not yet written it to the image.
+    let gate = hold_at(&rig, "copier.chunk_read", 0);
+    let session = rig.start(SessionOptions {
+        parallel: 1,
+        chunk_size: 64 * 1024,
+        ..SessionOptions::default()
+    });
+    gate.wait_arrived();
+    let path = rig.m("f");
+    let (blocked, writer) = blocked_for(WAIT, move || {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&[0xee; 100], 1000).unwrap();
+    });
+    gate.release();
+    writer.join().unwrap();
+    assert!(
+        blocked,
+        "a write into a chunk being copied must wait for the chunk"
+    );
+    let expected = tree(&rig.mnt);
+    rig.finish(&session);
+    assert_image_is(&rig, &expected);
+}
+
+#[test]
+fn a_write_in_flight_at_session_start_finishes_before_the_copy_begins() {
+    let rig = Rig::new();
+    fs::write(rig.m("f"), vec![1u8; 100_000]).unwrap();
+    // A write has entered the filesystem (seeing no session) but not yet written.
+    let gate = hold_at(&rig, "write.entered", 777);
+    let path = rig.m("f");
+    let writer = std::thread::spawn(move || {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&[0xab; 100], 777).unwrap();
+    });
+    gate.wait_arrived();
+    let fs_handle = rig.mounted.fs.clone();
+    let image = rig.image.clone();
+    let (blocked, starter) = blocked_for(WAIT, move || {
+        fs_handle
+            .start_capture(&image, SessionOptions::default())
+            .unwrap()
+    });
+    gate.release();
+    writer.join().unwrap();
+    let session = starter.join().unwrap();
+    assert!(
+        blocked,
+        "session start must wait for writes already in flight"
+    );
+    let expected = tree(&rig.mnt);
+    rig.finish(&session);
+    assert_image_is(&rig, &expected);
+}
+
+#[test]
+fn the_stop_waits_for_a_mirrored_write_in_flight() {
+    let rig = Rig::new();
+    fs::write(rig.m("f"), vec![1u8; 100_000]).unwrap();
+    let session = rig.start(small_chunks());
+    session.wait_copied(std::time::Duration::from_secs(30));
+    // A write has reached the source and not yet the image.
+    let gate = hold_at(&rig, "write.before_mirror", 555);
+    let path = rig.m("f");
+    let writer = std::thread::spawn(move || {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(&[0xcd; 100], 555).unwrap();
+    });
+    gate.wait_arrived();
+    let fs_handle = rig.mounted.fs.clone();
+    let (blocked, stopper) = blocked_for(WAIT, move || fs_handle.stop_capture().unwrap());
+    gate.release();
+    writer.join().unwrap();
+    let vp = stopper.join().unwrap();
+    assert!(blocked, "the stop must wait for mirrored writes in flight");
+    vp.apply_metadata(&rig.image).unwrap();
+    assert_image_is(&rig, &tree(&rig.mnt));
+}
+
+#[test]
+fn renames_of_a_pending_file_and_of_a_directory_with_pending_work() {
+    let rig = Rig::new();
+    fs::write(rig.m("first"), vec![1u8; 1 << 20]).unwrap();
+    fs::write(rig.m("pending"), vec![2u8; 50_000]).unwrap();
+    fs::create_dir(rig.m("dir")).unwrap();
+    fs::write(rig.m("dir/x"), vec![3u8; 60_000]).unwrap();
+    fs::write(rig.m("dir/y"), vec![4u8; 70_000]).unwrap();
+    // The copier is about to start its first file; nothing else is copied yet.
+    let gate = hold_at(&rig, "copier.before_file", 0);
+    let session = rig.start(SessionOptions {
+        parallel: 1,
+        ..small_chunks()
+    });
+    gate.wait_arrived();
+    fs::rename(rig.m("pending"), rig.m("renamed")).unwrap();
+    fs::rename(rig.m("dir"), rig.m("dir2")).unwrap();
+    fs::write(rig.m("dir2/x"), b"rewritten after the rename").unwrap();
+    gate.release();
+    let expected = tree(&rig.mnt);
+    rig.finish(&session);
+    assert_image_is(&rig, &expected);
+}
+
+#[test]
+fn unlink_of_a_file_being_copied() {
+    let rig = Rig::new();
+    fs::write(rig.m("doomed"), vec![5u8; 256 * 1024]).unwrap();
+    fs::write(rig.m("kept"), b"kept").unwrap();
+    let gate = hold_at(&rig, "copier.chunk_read", 64 * 1024);
+    let session = rig.start(SessionOptions {
+        parallel: 1,
+        chunk_size: 64 * 1024,
+        ..SessionOptions::default()
+    });
+    gate.wait_arrived();
+    let open = OpenOptions::new()
+        .write(true)
+        .open(rig.m("doomed"))
+        .unwrap();
+    fs::remove_file(rig.m("doomed")).unwrap();
+    // Open-but-unlinked: writes go on, and no longer belong to the image.
+    open.write_all_at(&[9u8; 4096], 0).unwrap();
+    gate.release();
+    open.write_all_at(&[9u8; 4096], 200_000).unwrap();
+    let expected = tree(&rig.mnt);
+    let vp = rig.finish(&session);
+    assert!(vp.progress.error.is_none(), "{:?}", vp.progress.error);
+    assert_image_is(&rig, &expected);
+}
+
+#[test]
+fn a_file_created_during_the_session_is_mirrored_from_its_first_byte() {
+    let rig = Rig::new();
+    fs::write(rig.m("busy"), vec![1u8; 1 << 20]).unwrap();
+    let gate = hold_at(&rig, "copier.before_file", 0);
+    let session = rig.start(small_chunks());
+    gate.wait_arrived();
+    let mut f = File::create(rig.m("new")).unwrap();
+    f.write_all(&vec![7u8; 300_000]).unwrap();
+    f.write_all_at(b"patched", 1000).unwrap();
+    f.set_len(250_000).unwrap();
+    drop(f);
+    fs::rename(rig.m("new"), rig.m("new2")).unwrap();
+    gate.release();
+    let expected = tree(&rig.mnt);
+    let vp = rig.finish(&session);
+    assert!(vp.progress.bytes_mirrored >= 250_000, "{:?}", vp.progress);
+    assert_image_is(&rig, &expected);
+}
