@@ -306,3 +306,60 @@ fn mariadb_under_load_sees_no_errors_while_it_is_copied() {
     assert!(target.join("data/ibdata1").exists());
     db.shutdown();
 }
+
+#[test]
+fn excluded_entries_stay_out_of_the_image() {
+    let agent = Agent::start();
+    fill(&agent, 2, 10_000);
+    fs::write(agent.mnt("db/scratch.tmp"), b"temporary").unwrap();
+    fs::create_dir_all(agent.mnt("cache/deep")).unwrap();
+    fs::write(agent.mnt("cache/deep/blob"), vec![1u8; 50_000]).unwrap();
+    let target = agent.dir.path().join("excl");
+    let out = copy(
+        &agent,
+        &target,
+        &["--exclude", "**/*.tmp", "--exclude", "cache"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = target.join("data");
+    assert!(data.join("db/t0.ibd").exists());
+    assert!(!data.join("db/scratch.tmp").exists());
+    assert!(!data.join("cache").exists());
+    let manifest = fs::read_to_string(target.join("backup.json")).unwrap();
+    assert!(
+        !manifest.contains("scratch.tmp") && !manifest.contains("cache/"),
+        "{manifest}"
+    );
+    // A bad pattern is a clear error.
+    let out = copy(&agent, &agent.dir.path().join("bad"), &["--exclude", "a[b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("--exclude"), "{err}");
+    assert!(
+        !agent.dir.path().join("bad").exists(),
+        "a refused copy created its target"
+    );
+}
+
+#[test]
+fn throttle_limits_the_copier() {
+    let agent = Agent::start();
+    fill(&agent, 4, 1 << 20);
+    let started = Instant::now();
+    let out = copy(&agent, &agent.dir.path().join("slow"), &["--throttle", "2"]);
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 4 MiB at 2 MB/s cannot take less than about 2 s, however fast the machine.
+    assert!(
+        took >= Duration::from_millis(1800),
+        "4 MiB at 2 MB/s took only {took:?}"
+    );
+}

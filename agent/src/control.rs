@@ -28,7 +28,7 @@ pub enum Request {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status(AgentStatus),
+    Status(Box<AgentStatus>),
     Unmounted,
     Progress(Progress),
     Copied(CopySummary),

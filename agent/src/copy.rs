@@ -60,6 +60,7 @@ pub fn run_copy(
 ) -> Result<CopySummary, CopyError> {
     let started = SystemTime::now();
     let clock = Instant::now();
+    options.validate()?;
     let target = prepare_target(target, mountpoint, fs.backing())?;
     let image = target.join(manifest::DATA);
     fs::create_dir(&image).map_err(|error| CopyError::Target {

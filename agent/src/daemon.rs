@@ -269,7 +269,7 @@ fn answer(
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => Response::Status(status.status()),
+        Ok(Request::Status) => Response::Status(Box::new(status.status())),
         Ok(Request::Copy { target, options }) => {
             tracing::info!(target = %target.display(), "copy requested");
             let result =

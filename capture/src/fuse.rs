@@ -10,9 +10,10 @@ use std::time::SystemTime;
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags,
+    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::{Caller, FsResult, Opened, PassthroughFs, SetAttr, XattrReply};
@@ -35,12 +36,12 @@ impl FuseAdapter {
         match catch_unwind(AssertUnwindSafe(|| call(&self.fs))) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                self.fs.stats.error();
+                self.fs.stats.error(e.errno() as i32);
                 tracing::trace!(op = op.name(), error = %e, "operation failed");
                 Err(Errno::from_i32(e.errno() as i32))
             }
             Err(_) => {
-                self.fs.stats.error();
+                self.fs.stats.error(libc::EIO);
                 tracing::error!(op = op.name(), "panic while serving; answered EIO");
                 Err(Errno::EIO)
             }
@@ -103,6 +104,21 @@ impl Filesystem for FuseAdapter {
             }
         }
         Ok(())
+    }
+
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        // ENOSYS once makes the kernel stop asking for this mount and treat files as
+        // always ready, which regular files on the backing filesystem are.
+        reply.error(Errno::ENOSYS);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

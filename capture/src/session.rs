@@ -42,6 +42,28 @@ pub struct SessionOptions {
     pub chunk_size: u64,
 }
 
+impl SessionOptions {
+    /// Checks the options without starting anything.
+    pub fn validate(&self) -> Result<(), CaptureError> {
+        self.exclude_set().map(|_| ())
+    }
+
+    fn exclude_set(&self) -> Result<GlobSet, CaptureError> {
+        let mut globs = GlobSetBuilder::new();
+        for pattern in &self.exclude {
+            let glob = Glob::new(pattern).map_err(|e| CaptureError::BadExclude {
+                pattern: pattern.clone(),
+                error: e.to_string(),
+            })?;
+            globs.add(glob);
+        }
+        globs.build().map_err(|e| CaptureError::BadExclude {
+            pattern: self.exclude.join(" "),
+            error: e.to_string(),
+        })
+    }
+}
+
 impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
@@ -265,18 +287,7 @@ impl CaptureSession {
         options: SessionOptions,
         hooks: Arc<Hooks>,
     ) -> Result<CaptureSession, CaptureError> {
-        let mut globs = GlobSetBuilder::new();
-        for pattern in &options.exclude {
-            let glob = Glob::new(pattern).map_err(|e| CaptureError::BadExclude {
-                pattern: pattern.clone(),
-                error: e.to_string(),
-            })?;
-            globs.add(glob);
-        }
-        let exclude = globs.build().map_err(|e| CaptureError::BadExclude {
-            pattern: options.exclude.join(" "),
-            error: e.to_string(),
-        })?;
+        let exclude = options.exclude_set()?;
         Ok(CaptureSession {
             source_root: source_root.to_path_buf(),
             image_root: image_root.to_path_buf(),

@@ -60,6 +60,8 @@ ops!(
 pub struct FsStats {
     ops: [AtomicU64; Op::ALL.len()],
     errors: AtomicU64,
+    /// Errors by errno; only the error path takes this lock.
+    errnos: parking_lot::Mutex<BTreeMap<i32, u64>>,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
 }
@@ -69,6 +71,9 @@ pub struct FsStats {
 pub struct StatsSnapshot {
     pub ops: BTreeMap<String, u64>,
     pub errors: u64,
+    /// Errors by errno name (ENOENT for a lookup of a missing name, ...).
+    #[serde(default)]
+    pub errnos: BTreeMap<String, u64>,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -78,6 +83,7 @@ impl Default for FsStats {
         FsStats {
             ops: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: AtomicU64::new(0),
+            errnos: parking_lot::Mutex::new(BTreeMap::new()),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
         }
@@ -89,8 +95,9 @@ impl FsStats {
         self.ops[op as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn error(&self) {
+    pub fn error(&self, errno: i32) {
         self.errors.fetch_add(1, Ordering::Relaxed);
+        *self.errnos.lock().entry(errno).or_default() += 1;
     }
 
     pub fn read_bytes(&self, n: usize) {
@@ -114,6 +121,12 @@ impl FsStats {
                 .filter(|(_, n)| *n > 0)
                 .collect(),
             errors: self.errors.load(Ordering::Relaxed),
+            errnos: self
+                .errnos
+                .lock()
+                .iter()
+                .map(|(&e, &n)| (format!("{:?}", nix::errno::Errno::from_raw(e)), n))
+                .collect(),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
         }

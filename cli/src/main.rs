@@ -119,7 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { agent, json } => {
             let status = match agent::client::call(&agent.address(), &Request::Status)? {
-                Response::Status(s) => s,
+                Response::Status(s) => *s,
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected answer from the agent: {other:?}"),
             };
@@ -252,7 +252,21 @@ fn print_status(s: &AgentStatus) {
             ops.join(", ")
         }
     );
-    println!("errors      {} answered with an errno", s.stats.errors);
+    let errnos: Vec<String> = s
+        .stats
+        .errnos
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "errors      {} answered with an errno{}",
+        s.stats.errors,
+        if errnos.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", errnos.join(", "))
+        }
+    );
     if let Some(p) = &s.session {
         println!(
             "session     {:?}: {}/{} files, {} of {} copied, {} mirrored{}",
