@@ -73,6 +73,7 @@ enum Event {
 /// Runs the agent until it is stopped; returns after a clean unmount.
 pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
     let (backing, mountpoint) = capture::mount::check(&options.backing, &options.mountpoint)?;
+    raise_open_file_limit();
     let socket = options
         .socket
         .clone()
@@ -150,6 +151,25 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
     mounted.join();
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     Ok(())
+}
+
+/// The agent holds an fd per inode the kernel knows and per open file, so a database
+/// with many tables needs far more than the usual soft limit of 1024: take the hard one.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct for this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let old = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = old, to = lim.rlim_max, "raised the open file limit");
+            }
+        }
+    }
 }
 
 fn try_unmount(mounted: &mut Mounted, force: bool) -> Result<(), UnmountError> {

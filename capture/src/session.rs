@@ -40,6 +40,14 @@ pub struct SessionOptions {
     pub exclude: Vec<String>,
     /// Bytes the copier moves under one range lock.
     pub chunk_size: u64,
+    /// Image files kept open (a datadir may have many thousands); past this the copier
+    /// closes the ones it finished, and mirroring reopens them by name when needed.
+    #[serde(default = "default_open_image_files")]
+    pub max_open_image_files: u64,
+}
+
+fn default_open_image_files() -> u64 {
+    256
 }
 
 impl SessionOptions {
@@ -71,6 +79,7 @@ impl Default for SessionOptions {
             throttle_bytes_per_sec: None,
             exclude: Vec::new(),
             chunk_size: 4 << 20,
+            max_open_image_files: default_open_image_files(),
         }
     }
 }
@@ -224,8 +233,8 @@ impl FileCapture {
         }
     }
 
-    fn dest(&self) -> Option<Arc<File>> {
-        self.dest.lock().clone()
+    fn has_copied(&self) -> bool {
+        self.copied.lock().intervals() > 0
     }
 }
 
@@ -262,6 +271,8 @@ pub struct CaptureSession {
     bytes_mirrored: AtomicU64,
     current: Mutex<Option<PathBuf>>,
     hooks: Arc<Hooks>,
+    /// Image files held open (see `SessionOptions::max_open_image_files`).
+    open_image_files: AtomicU64,
 }
 
 /// Names of append-only logs that are hot until the end: copied last, so that the copy
@@ -309,6 +320,7 @@ impl CaptureSession {
             bytes_mirrored: AtomicU64::new(0),
             current: Mutex::new(None),
             hooks,
+            open_image_files: AtomicU64::new(0),
         })
     }
 
@@ -557,6 +569,7 @@ impl CaptureSession {
                         .map_err(|e| io_err(format!("opening image file {}", rel.display()), e))?,
                 );
                 *dest_slot = Some(d.clone());
+                self.open_image_files.fetch_add(1, Relaxed);
                 d
             }
         };
@@ -628,6 +641,11 @@ impl CaptureSession {
         fc.copied.lock().set_tail(tail_start.min(size));
         self.hooks.fire("copier.done", size);
         self.files_copied.fetch_add(1, Relaxed);
+        if self.open_image_files.load(Relaxed) > self.options.max_open_image_files
+            && fc.dest.lock().take().is_some()
+        {
+            self.open_image_files.fetch_sub(1, Relaxed);
+        }
         Ok(())
     }
 
@@ -663,7 +681,7 @@ impl CaptureSession {
         if n > 0 && self.live() && !fc.gone.load(SeqCst) {
             let spans = fc.copied.lock().overlap(offset, offset + n as u64);
             if !spans.is_empty() {
-                self.mirror_spans(&fc, &spans, offset, &data[..n]);
+                self.mirror_spans(key, &fc, &spans, offset, &data[..n]);
             }
         }
         Ok(n)
@@ -691,7 +709,7 @@ impl CaptureSession {
                 match sys::pread_full(source, &mut data, offset) {
                     Ok(got) => {
                         data.truncate(got);
-                        self.mirror_spans(&fc, &spans, offset, &data);
+                        self.mirror_spans(key, &fc, &spans, offset, &data);
                     }
                     Err(e) => self.abort(format!("reading back a copied range to mirror it: {e}")),
                 }
@@ -700,9 +718,42 @@ impl CaptureSession {
         Ok(n)
     }
 
-    fn mirror_spans(&self, fc: &FileCapture, spans: &[(u64, u64)], offset: u64, data: &[u8]) {
-        let Some(dest) = fc.dest() else {
-            self.abort("internal error: a copied range has no image file");
+    /// The image file of `key`, reopened by its current name if it was closed. Names
+    /// change together with the image (under the paths write lock), so the name read
+    /// here names this file in the image.
+    fn image_file(&self, key: InodeKey, fc: &FileCapture) -> Option<Arc<File>> {
+        let mut slot = fc.dest.lock();
+        if let Some(d) = &*slot {
+            return Some(d.clone());
+        }
+        let paths = self.paths.read();
+        let rel = paths.get(&key)?.first()?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.image(rel))
+        {
+            Ok(f) => {
+                let f = Arc::new(f);
+                *slot = Some(f.clone());
+                self.open_image_files.fetch_add(1, Relaxed);
+                Some(f)
+            }
+            Err(e) => {
+                self.abort(format!("reopening image file {}: {e}", rel.display()));
+                None
+            }
+        }
+    }
+
+    fn mirror_spans(
+        &self,
+        key: InodeKey,
+        fc: &FileCapture,
+        spans: &[(u64, u64)],
+        offset: u64,
+        data: &[u8],
+    ) {
+        let Some(dest) = self.image_file(key, fc) else {
             return;
         };
         for &(s, e) in spans {
@@ -758,7 +809,8 @@ impl CaptureSession {
         // the file into copied ranges are therefore mirrored, as they must be.
         let full = fc.copied.lock().covers(size, size.saturating_add(1));
         self.hooks.fire("resize", size);
-        if let Some(dest) = fc.dest() {
+        // A file the copier has not started has nothing in the image to cut.
+        if let Some(dest) = fc.has_copied().then(|| self.image_file(key, &fc)).flatten() {
             let cur = dest.metadata().map(|m| m.len()).unwrap_or(0);
             if (full || cur > size)
                 && let Err(e) = dest.set_len(size)
@@ -798,8 +850,7 @@ impl CaptureSession {
         if spans.is_empty() {
             return Ok(());
         }
-        let Some(dest) = fc.dest() else {
-            self.abort("internal error: a copied range has no image file");
+        let Some(dest) = self.image_file(key, &fc) else {
             return Ok(());
         };
         for (s, e) in spans {
@@ -851,6 +902,7 @@ impl CaptureSession {
         // A new file is copied in full from its first byte: every write is mirrored.
         let fc = Arc::new(FileCapture::new(CopiedRanges::everything()));
         *fc.dest.lock() = Some(Arc::new(dest));
+        self.open_image_files.fetch_add(1, Relaxed);
         self.files.write().insert(key, fc);
         paths.insert(key, vec![rel.to_path_buf()]);
         Ok(())
@@ -1063,6 +1115,7 @@ impl CaptureSession {
         for fc in self.files.read().values() {
             fc.dest.lock().take();
         }
+        self.open_image_files.store(0, Relaxed);
         Ok(ValidityPoint {
             at,
             progress: self.progress(),
