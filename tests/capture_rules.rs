@@ -399,3 +399,65 @@ fn a_file_created_during_the_session_is_mirrored_from_its_first_byte() {
     assert!(vp.progress.bytes_mirrored >= 250_000, "{:?}", vp.progress);
     assert_image_is(&rig, &expected);
 }
+
+#[test]
+fn a_panic_while_mirroring_aborts_the_session_but_not_the_write() {
+    let rig = Rig::new();
+    fs::write(rig.m("f"), vec![1u8; 10_000]).unwrap();
+    let session = rig.start(small_chunks());
+    session.wait_copied(std::time::Duration::from_secs(30));
+    rig.mounted.fs.hooks.set(
+        "write.before_mirror",
+        std::sync::Arc::new(|_, off| {
+            if off == 4242 {
+                panic!("injected fault while mirroring");
+            }
+        }),
+    );
+    let f = OpenOptions::new().write(true).open(rig.m("f")).unwrap();
+    f.write_all_at(b"application data", 4242)
+        .expect("the application's write must succeed");
+    rig.mounted.fs.hooks.clear();
+    assert_eq!(
+        &fs::read(rig.m("f")).unwrap()[4242..4258],
+        b"application data"
+    );
+    assert_eq!(session.phase(), capture::session::Phase::Aborted);
+    assert!(
+        session.error().unwrap().contains("panic"),
+        "{:?}",
+        session.error()
+    );
+    // The mount serves on and later writes work; the stop reports the abort.
+    f.write_all_at(b"later", 0).unwrap();
+    assert!(rig.mounted.fs.stop_capture().is_err());
+}
+
+#[test]
+fn a_panic_in_a_copier_thread_aborts_the_session_and_the_mount_serves_on() {
+    let rig = Rig::new();
+    fs::write(rig.m("f"), vec![1u8; 256 * 1024]).unwrap();
+    rig.mounted.fs.hooks.set(
+        "copier.chunk_read",
+        std::sync::Arc::new(|_, _| panic!("injected fault in the copier")),
+    );
+    let session = rig.start(small_chunks());
+    let phase = session.wait_copied(std::time::Duration::from_secs(30));
+    rig.mounted.fs.hooks.clear();
+    assert_eq!(phase, capture::session::Phase::Aborted);
+    assert!(
+        session.error().unwrap().contains("copier thread panicked"),
+        "{:?}",
+        session.error()
+    );
+    fs::write(rig.m("g"), b"still serving").unwrap();
+    assert_eq!(fs::read(rig.m("g")).unwrap(), b"still serving");
+    rig.mounted.fs.abort_capture("test");
+    // A new session works after the aborted one.
+    fs::remove_dir_all(&rig.image).unwrap();
+    fs::create_dir(&rig.image).unwrap();
+    let next = rig.start(small_chunks());
+    let expected = tree(&rig.mnt);
+    rig.finish(&next);
+    assert_image_is(&rig, &expected);
+}

@@ -677,14 +677,24 @@ impl CaptureSession {
         };
         let _range = fc.lock.lock(offset, offset + data.len() as u64);
         let n = write()?;
-        self.hooks.fire("write.before_mirror", offset);
-        if n > 0 && self.live() && !fc.gone.load(SeqCst) {
-            let spans = fc.copied.lock().overlap(offset, offset + n as u64);
-            if !spans.is_empty() {
-                self.mirror_spans(key, &fc, &spans, offset, &data[..n]);
+        self.guarded("mirroring a write", || {
+            self.hooks.fire("write.before_mirror", offset);
+            if n > 0 && self.live() && !fc.gone.load(SeqCst) {
+                let spans = fc.copied.lock().overlap(offset, offset + n as u64);
+                if !spans.is_empty() {
+                    self.mirror_spans(key, &fc, &spans, offset, &data[..n]);
+                }
             }
-        }
+        });
         Ok(n)
+    }
+
+    /// Runs session-side work after the application's operation is done: a panic in it
+    /// aborts the session, and never turns the operation's own result into an error.
+    fn guarded(&self, what: &str, work: impl FnOnce()) {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+            self.abort(format!("internal error: a panic while {what}"));
+        }
     }
 
     /// Like `write`, for writes whose data is only in the source afterwards
@@ -875,6 +885,12 @@ impl CaptureSession {
 
     /// A new entry appeared at `rel` in the source (create, mkdir, symlink, mknod).
     pub fn created(&self, rel: &Path, st: &libc::stat) {
+        self.guarded("mirroring a namespace change", || {
+            self.created_inner(rel, st)
+        });
+    }
+
+    fn created_inner(&self, rel: &Path, st: &libc::stat) {
         if !self.live() || self.excluded(rel) {
             return;
         }
@@ -910,6 +926,12 @@ impl CaptureSession {
 
     /// A hard link `new_rel` to the file `key` was made.
     pub fn linked(&self, key: InodeKey, new_rel: &Path) {
+        self.guarded("mirroring a namespace change", || {
+            self.linked_inner(key, new_rel)
+        });
+    }
+
+    fn linked_inner(&self, key: InodeKey, new_rel: &Path) {
         if !self.live() || self.excluded(new_rel) {
             return;
         }
@@ -925,6 +947,12 @@ impl CaptureSession {
 
     /// The entry at `rel` (a file `key`, or a directory) was removed from the source.
     pub fn removed(&self, rel: &Path, key: Option<InodeKey>, is_dir: bool) {
+        self.guarded("mirroring a namespace change", || {
+            self.removed_inner(rel, key, is_dir)
+        });
+    }
+
+    fn removed_inner(&self, rel: &Path, key: Option<InodeKey>, is_dir: bool) {
         if !self.live() || self.excluded(rel) {
             return;
         }
@@ -957,6 +985,12 @@ impl CaptureSession {
     /// `from` was renamed to `to` in the source with `flags`; `replaced` is the file that
     /// `to` named before (if a regular file).
     pub fn renamed(&self, from: &Path, to: &Path, flags: u32, replaced: Option<InodeKey>) {
+        self.guarded("mirroring a namespace change", || {
+            self.renamed_inner(from, to, flags, replaced)
+        });
+    }
+
+    fn renamed_inner(&self, from: &Path, to: &Path, flags: u32, replaced: Option<InodeKey>) {
         if !self.live() {
             return;
         }
