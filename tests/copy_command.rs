@@ -307,6 +307,56 @@ fn mariadb_under_load_sees_no_errors_while_it_is_copied() {
     db.shutdown();
 }
 
+/// Without any database coordination, the image is still the server's files at one
+/// instant, so it must start like a server after a power cut: InnoDB crash recovery,
+/// no corruption, and each client's transactions an unbroken prefix that holds every
+/// transaction acknowledged before the copy began.
+#[test]
+fn a_copy_of_mariadb_under_load_recovers_like_after_a_crash() {
+    let agent = Agent::start();
+    let mut db = MariaDb::init(&agent.mountpoint, ServerUser::Root);
+    // Flush pages and checkpoint all the time, with a small redo log: then a page write
+    // missing from the image is soon no longer covered by the redo log that recovery
+    // replays, and the image shows it (lost rows or corruption) instead of recovery
+    // quietly repairing it.
+    db.start_with(&[
+        "--innodb-log-file-size=4M",
+        "--innodb-max-dirty-pages-pct=0",
+        "--innodb-max-dirty-pages-pct-lwm=0",
+        "--innodb-io-capacity=2000",
+        "--innodb-adaptive-flushing-lwm=0",
+    ]);
+    let load = WriteLoad::start(&db, LoadOptions::default());
+    assert!(
+        load.wait_until_acked(20, Duration::from_secs(60)),
+        "the load did not get going"
+    );
+    let floors = load.acked();
+    let target = agent.dir.path().join("crashcopy");
+    // Slow enough that the load runs through many checkpoints during the copy.
+    let out = copy(&agent, &target, &["--parallel", "2", "--throttle", "25"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = load.stop();
+    db.shutdown();
+    let mut restored = MariaDb::with_datadir(&target.join("data"), ServerUser::Root);
+    restored.start_with(&["--innodb-log-file-size=4M"]);
+    let log = restored.error_log();
+    assert!(
+        log.contains("crash recovery"),
+        "the image should need crash recovery:\n{log}"
+    );
+    report.assert_innodb_prefix(&restored, &floors, false);
+    for table in ["innodb_rows", "innodb_progress"] {
+        let verdict = restored.check_table(common::mariadb::LOAD_SCHEMA, table);
+        assert!(verdict.is_ok(), "CHECK TABLE {table}: {verdict:?}");
+    }
+    restored.shutdown();
+}
+
 #[test]
 fn excluded_entries_stay_out_of_the_image() {
     let agent = Agent::start();

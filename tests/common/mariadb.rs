@@ -1041,8 +1041,16 @@ impl LoadReport {
     /// transactions were atomic), k covers every acknowledged transaction and no more
     /// than was sent; with `exact`, k is exactly the last acknowledged one.
     pub fn assert_innodb_intact(&self, db: &MariaDb, exact: bool) {
+        let floors: Vec<u64> = self.workers.iter().map(|w| w.acked).collect();
+        self.assert_innodb_prefix(db, &floors, exact);
+    }
+
+    /// Like `assert_innodb_intact` for a point-in-time image taken during the load: every
+    /// worker's committed transactions form a prefix 1..=k that holds at least the
+    /// `floors[i]` transactions it had acknowledged before the image was taken.
+    pub fn assert_innodb_prefix(&self, db: &MariaDb, floors: &[u64], exact: bool) {
         let rows = u64::from(self.rows_per_txn);
-        for w in &self.workers {
+        for (w, &floor) in self.workers.iter().zip(floors) {
             let id = w.worker;
             let r = db.rows(&format!(
                 "SELECT COUNT(*), COUNT(DISTINCT seq), COALESCE(MIN(seq), 0), COALESCE(MAX(seq), 0) \
@@ -1051,9 +1059,8 @@ impl LoadReport {
             let n: Vec<u64> = r[0].iter().map(|v| v.parse().unwrap()).collect();
             let (count, distinct, min, k) = (n[0], n[1], n[2], n[3]);
             assert!(
-                k >= w.acked,
-                "worker {id}: acknowledged transaction {} is lost, last committed is {k}",
-                w.acked
+                k >= floor,
+                "worker {id}: acknowledged transaction {floor} is lost, last committed is {k}"
             );
             assert!(
                 k <= w.sent,
