@@ -968,16 +968,22 @@ impl CaptureSession {
             self.abort(format!("mirroring removal of {}: {e}", rel.display()));
             return;
         }
-        if let Some(key) = key
-            && let Some(names) = paths.get_mut(&key)
-        {
-            names.retain(|p| p != rel);
-            if names.is_empty() {
-                paths.remove(&key);
-                if let Some(fc) = self.file(&key) {
-                    // Open-but-unlinked: its writes no longer belong to the image.
-                    fc.gone.store(true, SeqCst);
-                }
+        if let Some(key) = key {
+            self.drop_name(&mut paths, key, rel);
+        }
+    }
+
+    /// `rel` no longer names the file `key`; with no name left, the file is gone from the
+    /// image and its writes (through fds still open) no longer belong to it.
+    fn drop_name(&self, paths: &mut HashMap<InodeKey, Vec<PathBuf>>, key: InodeKey, rel: &Path) {
+        let Some(names) = paths.get_mut(&key) else {
+            return;
+        };
+        names.retain(|p| p != rel);
+        if names.is_empty() {
+            paths.remove(&key);
+            if let Some(fc) = self.file(&key) {
+                fc.gone.store(true, SeqCst);
             }
         }
     }
@@ -1032,17 +1038,8 @@ impl CaptureSession {
             return;
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        if !exchange
-            && let Some(victim) = replaced
-            && let Some(names) = paths.get_mut(&victim)
-        {
-            names.retain(|p| p != to);
-            if names.is_empty() {
-                paths.remove(&victim);
-                if let Some(fc) = self.file(&victim) {
-                    fc.gone.store(true, SeqCst);
-                }
-            }
+        if !exchange && let Some(victim) = replaced {
+            self.drop_name(&mut paths, victim, to);
         }
         for names in paths.values_mut() {
             for p in names.iter_mut() {
