@@ -63,7 +63,7 @@ pub fn run_copy(
     options.validate()?;
     let target = prepare_target(target, mountpoint, fs.backing())?;
     let image = target.join(manifest::DATA);
-    fs::create_dir(&image).map_err(|error| CopyError::Target {
+    private_dir(&image, false).map_err(|error| CopyError::Target {
         target: target.clone(),
         error,
     })?;
@@ -173,9 +173,9 @@ fn prepare_target(target: &Path, mountpoint: &Path, backing: &Path) -> Result<Pa
             });
         }
     }
-    fs::create_dir_all(target).map_err(err)?;
+    private_dir(target, true).map_err(err)?;
     let target = fs::canonicalize(target).map_err(err)?;
-    fs::write(
+    write_private(
         manifest::incomplete_marker(&target),
         "this backup is not finished: a copy is running or was interrupted\n",
     )
@@ -209,7 +209,7 @@ fn resolve_nonexistent(p: &Path) -> io::Result<PathBuf> {
 }
 
 fn mark_incomplete(target: &Path, reason: &str) {
-    let _ = fs::write(
+    let _ = write_private(
         manifest::incomplete_marker(target),
         format!("this backup is not usable: {reason}\n"),
     );
@@ -311,11 +311,34 @@ fn hash_and_sync(
 fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
     let tmp = target.join(format!("{}.tmp", manifest::MANIFEST));
     let text = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
-    fs::write(&tmp, text)?;
+    write_private(&tmp, text)?;
     File::open(&tmp)?.sync_all()?;
     fs::rename(&tmp, target.join(manifest::MANIFEST))?;
     fs::remove_file(manifest::incomplete_marker(target))?;
     File::open(target)?.sync_all()
+}
+
+/// The agent runs with umask 0 (the kernel applies the application's umask to what it
+/// creates on the mount), so everything a backup creates outside the image gets an
+/// explicit mode: a backup holds the database's data and must not be world-readable.
+fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(0o750)
+        .create(path)
+}
+
+fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)?
+        .write_all(contents.as_ref())
 }
 
 fn hostname() -> String {
