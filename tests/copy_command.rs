@@ -42,21 +42,6 @@ fn spawn_copy(agent: &Agent, target: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-fn status(agent: &Agent) -> serde_json::Value {
-    let out = hotbackup(&[
-        "status",
-        "--json",
-        "--socket",
-        agent.socket.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
@@ -167,7 +152,7 @@ fn copy_refuses_bad_targets_and_a_second_session() {
     let first_target = agent.dir.path().join("first");
     let first = spawn_copy(&agent, &first_target, &["--throttle", "1"]);
     wait_for("the first session", Duration::from_secs(20), || {
-        !status(&agent)["session"].is_null()
+        !agent.status()["session"].is_null()
     });
     let out = copy(&agent, &agent.dir.path().join("second"), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -228,7 +213,7 @@ fn a_full_target_aborts_the_session_but_never_an_application_write() {
     let marker = fs::read_to_string(small.join("backup/INCOMPLETE")).unwrap();
     assert!(marker.contains("No space left"), "{marker}");
     assert!(
-        status(&agent)["session"].is_null(),
+        agent.status()["session"].is_null(),
         "the aborted session must be gone"
     );
     // The mount serves on, and the next copy (with room) works.
@@ -248,14 +233,14 @@ fn a_killed_client_aborts_the_session_and_the_mount_serves_on() {
     let target = agent.dir.path().join("killed");
     let mut client = spawn_copy(&agent, &target, &["--throttle", "1"]);
     wait_for("the session", Duration::from_secs(20), || {
-        !status(&agent)["session"].is_null()
+        !agent.status()["session"].is_null()
     });
     client.kill().unwrap();
     client.wait().unwrap();
     wait_for(
         "the agent to abort the session",
         Duration::from_secs(20),
-        || status(&agent)["session"].is_null(),
+        || agent.status()["session"].is_null(),
     );
     assert!(is_mounted(&agent.mountpoint));
     let marker = fs::read_to_string(target.join("INCOMPLETE")).unwrap();

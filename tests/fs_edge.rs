@@ -10,25 +10,10 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
-use common::{Agent, hotbackup};
-
-fn status_json(agent: &Agent) -> serde_json::Value {
-    let out = hotbackup(&[
-        "status",
-        "--json",
-        "--mountpoint",
-        agent.mountpoint.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use common::Agent;
 
 fn op_count(agent: &Agent, op: &str) -> u64 {
-    status_json(agent)["stats"]["ops"][op].as_u64().unwrap_or(0)
+    agent.status()["stats"]["ops"][op].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -277,6 +262,18 @@ fn concurrent_o_append_writers_interleave_whole_records() {
     }
 }
 
+/// Creates (or truncates) a file opened read-write with O_DIRECT.
+fn open_direct(path: &std::path::Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
+
 /// A buffer aligned for O_DIRECT.
 fn aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
     let v = vec![fill; len + 4096];
@@ -287,14 +284,7 @@ fn aligned(len: usize, fill: u8) -> (Vec<u8>, usize) {
 #[test]
 fn o_direct_aligned_io() {
     let a = Agent::start();
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(a.mnt("direct"))
-        .unwrap();
+    let f = open_direct(&a.mnt("direct"));
     let len = 64 * 1024;
     let (buf, s) = aligned(len, 0xab);
     f.write_all_at(&buf[s..s + len], 16384).unwrap();
@@ -669,7 +659,7 @@ fn forgotten_inodes_are_released() {
     for i in 0..300 {
         fs::write(a.mnt(&format!("d/{i}")), b"x").unwrap();
     }
-    let known = status_json(&a)["inodes"].as_u64().unwrap();
+    let known = a.status()["inodes"].as_u64().unwrap();
     assert!(
         known >= 300,
         "expected the kernel to reference the new files, saw {known}"
@@ -678,7 +668,7 @@ fn forgotten_inodes_are_released() {
     // Unlinked inodes are dropped by the kernel at once, which sends FORGET.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let now = status_json(&a)["inodes"].as_u64().unwrap();
+        let now = a.status()["inodes"].as_u64().unwrap();
         if now < 20 {
             break;
         }
@@ -750,14 +740,7 @@ fn resident_pages(path: &std::path::Path) -> u64 {
 #[test]
 fn o_direct_bypasses_the_backing_page_cache_and_tolerates_misalignment() {
     let a = Agent::start();
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(a.mnt("ibdata"))
-        .unwrap();
+    let f = open_direct(&a.mnt("ibdata"));
     let len = 4 << 20;
     let (buf, s) = aligned(len, 0x5a);
     f.write_all_at(&buf[s..s + len], 0).unwrap();

@@ -112,6 +112,22 @@ impl Agent {
         self.mountpoint.join(rel)
     }
 
+    /// `hotbackup status --json` of this agent, found from its mountpoint as a user would.
+    pub fn status(&self) -> serde_json::Value {
+        let out = hotbackup(&[
+            "status",
+            "--json",
+            "--mountpoint",
+            self.mountpoint.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// The agent's pid.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
