@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
@@ -548,7 +549,7 @@ impl CaptureSession {
         };
         let src = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags_nofollow()
+            .custom_flags(libc::O_NOFOLLOW)
             .open(self.source(rel))
         {
             Ok(f) => f,
@@ -1154,17 +1155,6 @@ impl CaptureSession {
             progress: self.progress(),
             entries,
         })
-    }
-}
-
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NOFOLLOW)
     }
 }
 
