@@ -185,7 +185,9 @@ fn reset(root: &Path) {
 
 fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
     // A failed (panicked) case may have left its session behind.
-    rig.mounted.fs.abort_capture("next case");
+    rig.mounted
+        .fs
+        .abort_capture(capture::session::AbortReason::Cancelled("next case".into()));
     reset(&rig.mnt);
     reset(&rig.image);
     for dir in DIRS.iter().take(3) {

@@ -7,8 +7,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 
-use capture::session::SessionOptions;
-use engine::{Rig, assert_image_is, tree};
+use capture::session::{AbortReason, SessionOptions};
+use engine::{Gate, Rig, assert_image_is, blocked_for, hold_at, tree};
 
 fn small_chunks() -> SessionOptions {
     SessionOptions {
@@ -122,43 +122,6 @@ fn writes_after_the_stop_are_not_in_the_image() {
     assert_image_is(&rig, &expected);
 }
 
-/// Holds a thread at a hook point until the test releases it.
-struct Gate {
-    state: std::sync::Mutex<(bool, bool)>, // (arrived, released)
-    cv: std::sync::Condvar,
-}
-
-impl Gate {
-    fn new() -> std::sync::Arc<Gate> {
-        std::sync::Arc::new(Gate {
-            state: std::sync::Mutex::new((false, false)),
-            cv: std::sync::Condvar::new(),
-        })
-    }
-    fn hold(&self) {
-        let mut s = self.state.lock().unwrap();
-        s.0 = true;
-        self.cv.notify_all();
-        while !s.1 {
-            s = self.cv.wait(s).unwrap();
-        }
-    }
-    fn wait_arrived(&self) {
-        let mut s = self.state.lock().unwrap();
-        while !s.0 {
-            s = self
-                .cv
-                .wait_timeout(s, std::time::Duration::from_secs(10))
-                .unwrap()
-                .0;
-        }
-    }
-    fn release(&self) {
-        self.state.lock().unwrap().1 = true;
-        self.cv.notify_all();
-    }
-}
-
 #[test]
 fn truncate_below_the_copied_range_then_regrow() {
     for copied_chunks in 0..5 {
@@ -211,37 +174,6 @@ fn overwrites_of_a_fully_copied_small_file_are_mirrored() {
     let expected = tree(&rig.mnt);
     rig.finish(&session);
     assert_image_is(&rig, &expected);
-}
-
-fn hold_at(rig: &Rig, point: &'static str, at: u64) -> std::sync::Arc<Gate> {
-    let gate = Gate::new();
-    let g = gate.clone();
-    let once = std::sync::atomic::AtomicBool::new(false);
-    rig.mounted.fs.hooks.set(
-        point,
-        std::sync::Arc::new(move |_, off| {
-            if off == at && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                g.hold();
-            }
-        }),
-    );
-    gate
-}
-
-/// Runs `f` on a thread and reports whether it finished within `wait`.
-fn blocked_for<T: Send + 'static>(
-    wait: std::time::Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> (bool, std::thread::JoinHandle<T>) {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let d = done.clone();
-    let handle = std::thread::spawn(move || {
-        let r = f();
-        d.store(true, std::sync::atomic::Ordering::SeqCst);
-        r
-    });
-    std::thread::sleep(wait);
-    (!done.load(std::sync::atomic::Ordering::SeqCst), handle)
 }
 
 const WAIT: std::time::Duration = std::time::Duration::from_millis(300);
@@ -424,7 +356,7 @@ fn a_panic_while_mirroring_aborts_the_session_but_not_the_write() {
     );
     assert_eq!(session.phase(), capture::session::Phase::Aborted);
     assert!(
-        session.error().unwrap().contains("panic"),
+        matches!(session.error(), Some(AbortReason::Panic(ref m)) if m.contains("mirroring a write")),
         "{:?}",
         session.error()
     );
@@ -446,13 +378,15 @@ fn a_panic_in_a_copier_thread_aborts_the_session_and_the_mount_serves_on() {
     rig.mounted.fs.hooks.clear();
     assert_eq!(phase, capture::session::Phase::Aborted);
     assert!(
-        session.error().unwrap().contains("copier thread panicked"),
+        matches!(session.error(), Some(AbortReason::Panic(ref m)) if m.contains("copier thread panicked")),
         "{:?}",
         session.error()
     );
     fs::write(rig.m("g"), b"still serving").unwrap();
     assert_eq!(fs::read(rig.m("g")).unwrap(), b"still serving");
-    rig.mounted.fs.abort_capture("test");
+    rig.mounted
+        .fs
+        .abort_capture(AbortReason::Cancelled("test".into()));
     // A new session works after the aborted one.
     fs::remove_dir_all(&rig.image).unwrap();
     fs::create_dir(&rig.image).unwrap();

@@ -568,28 +568,7 @@ fn copy_file_range_copies() {
     fs::write(a.mnt("src"), &data).unwrap();
     let src = File::open(a.mnt("src")).unwrap();
     let dst = File::create(a.mnt("dst")).unwrap();
-    let mut off_in: i64 = 1000;
-    let mut off_out: i64 = 0;
-    let mut left = 150_000usize;
-    while left > 0 {
-        // SAFETY: valid fds and offsets owned by this test.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        assert!(
-            n > 0,
-            "copy_file_range: {}",
-            std::io::Error::last_os_error()
-        );
-        left -= n as usize;
-    }
+    common::io::copy_range(&src, 1000, &dst, 0, 150_000);
     assert_eq!(
         fs::read(a.backing.join("dst")).unwrap(),
         &data[1000..151_000]

@@ -2,6 +2,7 @@
 //! records its socket path as the mount's source in the kernel's mount table.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -57,8 +58,13 @@ impl AgentAddress {
 pub fn socket_of_mountpoint(mountpoint: &Path) -> Result<PathBuf, ClientError> {
     let entry = mountinfo::mount_at(mountpoint)
         .ok_or_else(|| ClientError::NotMounted(mountpoint.into()))?;
-    match entry.source.strip_prefix(SOURCE_PREFIX) {
-        Some(socket) if entry.fstype.starts_with("fuse") => Ok(PathBuf::from(socket)),
+    let socket = entry
+        .source
+        .as_encoded_bytes()
+        .strip_prefix(SOURCE_PREFIX.as_bytes())
+        .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)));
+    match socket {
+        Some(socket) if entry.fstype.starts_with("fuse") => Ok(socket),
         _ => Err(ClientError::ForeignMount {
             path: mountpoint.into(),
             fstype: entry.fstype,

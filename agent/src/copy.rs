@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use capture::PassthroughFs;
-use capture::session::{CaptureError, Phase, Progress, SessionOptions, ValidityPoint};
+use capture::session::{AbortReason, CaptureError, Phase, Progress, SessionOptions, ValidityPoint};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Source, Totals};
@@ -76,29 +76,33 @@ pub fn run_copy(
             return Err(e.into());
         }
     };
-    loop {
+    let vp = loop {
         let phase = session.wait_copied(Duration::from_millis(250));
         if report(&session.progress()).is_err() {
-            fs.abort_capture("the client went away");
+            fs.abort_capture(AbortReason::ClientGone);
             mark_incomplete(&target, "the client went away during the copy");
             return Err(CopyError::ClientGone(target));
         }
         match phase {
             Phase::Copying => continue,
-            Phase::Copied => break,
+            Phase::Copied => {}
             Phase::Aborted | Phase::Stopped => {
-                let reason = session.error().unwrap_or_else(|| "aborted".into());
-                fs.abort_capture(&reason);
-                mark_incomplete(&target, &reason);
+                let reason = session
+                    .error()
+                    .unwrap_or_else(|| AbortReason::Cancelled("ended".into()));
+                fs.abort_capture(reason.clone());
+                mark_incomplete(&target, &reason.to_string());
                 return Err(CaptureError::Aborted(reason).into());
             }
         }
-    }
-    let vp = match fs.stop_capture() {
-        Ok(vp) => vp,
-        Err(e) => {
-            mark_incomplete(&target, &e.to_string());
-            return Err(e.into());
+        match fs.stop_capture() {
+            Ok(vp) => break vp,
+            // Late work (a file moved into the image): copy it, then stop.
+            Err(CaptureError::NotCopied(_)) => continue,
+            Err(e) => {
+                mark_incomplete(&target, &e.to_string());
+                return Err(e.into());
+            }
         }
     };
     let _ = report(&vp.progress);
@@ -318,9 +322,8 @@ fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
     File::open(target)?.sync_all()
 }
 
-/// The agent runs with umask 0 (the kernel applies the application's umask to what it
-/// creates on the mount), so everything a backup creates outside the image gets an
-/// explicit mode: a backup holds the database's data and must not be world-readable.
+/// Everything a backup creates outside the image gets an explicit mode, whatever the
+/// agent's umask: a backup holds the database's data and must not be world-readable.
 fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()

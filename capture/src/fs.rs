@@ -19,7 +19,9 @@ use crate::direct::{self, DirectFile};
 use crate::gate::{CaptureGate, Pass};
 use crate::hooks::Hooks;
 use crate::inode::{Inode, InodeKey, InodeTable};
-use crate::session::{CaptureError, CaptureSession, NamespaceGuard, SessionOptions, ValidityPoint};
+use crate::session::{
+    AbortReason, CaptureError, CaptureSession, NamespaceGuard, Phase, SessionOptions, ValidityPoint,
+};
 use crate::stats::FsStats;
 use crate::sys::{self, Errno, FsCredentials, cstr, cvt};
 
@@ -122,18 +124,21 @@ impl NamespacePass<'_> {
 
 /// Open flags the backing file must not get: creation is explicit, appends use the
 /// kernel's offsets (so mirrored writes know where they landed), `O_DIRECT` is added back
-/// only by `open_for_io` (whose callers handle its alignment), and proc magic links must
-/// be followed.
+/// only by `open_for_io` (whose callers handle its alignment), proc magic links must be
+/// followed, and a truncation goes through `truncate` (so a running session sees it),
+/// never through the backing `open`.
 const STRIPPED_OPEN_FLAGS: i32 = libc::O_CREAT
     | libc::O_EXCL
     | libc::O_NOCTTY
     | libc::O_APPEND
     | libc::O_DIRECT
-    | libc::O_NOFOLLOW;
+    | libc::O_NOFOLLOW
+    | libc::O_TRUNC;
 
 impl PassthroughFs {
-    /// Serves `backing`. Sets the process umask to 0: the kernel already applied the
-    /// caller's umask to every mode it sends.
+    /// Serves `backing`. The kernel has already applied the application's umask to every
+    /// mode it sends; the threads that create entries drop their own (see
+    /// `FsCredentials::assume`), and the process umask stays as it was.
     pub fn new(backing: &Path) -> io::Result<PassthroughFs> {
         let root_path = CString::new(backing.as_os_str().as_bytes())?;
         let root = sys::openat(
@@ -151,8 +156,6 @@ impl PassthroughFs {
             0,
         )
         .map_err(io::Error::from)?;
-        // SAFETY: umask only changes this process's file creation mask.
-        unsafe { libc::umask(0) };
         Ok(PassthroughFs {
             backing: backing.to_path_buf(),
             inodes: InodeTable::new(root, &st),
@@ -200,12 +203,12 @@ impl PassthroughFs {
         // From here on every operation sees the session; namespace operations wait for
         // the skeleton to be built.
         self.gate.switch(Some(session.clone()));
-        let built = session.adopt(Path::new(""));
+        let built = session.adopt(Path::new(""), false);
         drop(ns);
-        if let Err(e) = built {
-            session.abort(e.to_string());
+        if let Err(reason) = built {
+            session.abort(reason.clone());
             self.gate.switch(None);
-            return Err(e);
+            return Err(CaptureError::Aborted(reason));
         }
         // A second barrier: writes that looked for their file before it was registered
         // (and so took no range lock) are done before the copier reads anything.
@@ -220,35 +223,52 @@ impl PassthroughFs {
     }
 
     /// Stops the session at this instant (the validity point): once this returns every
-    /// mirrored write has landed in the image and no later one will.
+    /// mirrored write has landed in the image and no later one will. Refused with
+    /// `NotCopied` while any copy work is pending (the session keeps running: wait for
+    /// the copy phase again and retry); an aborted session is ended.
     pub fn stop_capture(&self) -> Result<ValidityPoint, CaptureError> {
         let _ctl = self.capture_ctl.lock();
         let session = self.gate.peek().ok_or(CaptureError::NoSession)?;
-        match session.phase() {
-            crate::session::Phase::Copying => {
-                let p = session.progress();
-                return Err(CaptureError::NotCopied(p.files_total - p.files_copied));
-            }
-            crate::session::Phase::Aborted => {
-                self.gate.switch(None);
-                return Err(CaptureError::Aborted(session.error().unwrap_or_default()));
-            }
-            _ => {}
-        }
         let ns = session.namespace();
+        // Under the namespace lock no late work can arrive: what is pending now is all.
+        if let Some(reason) = session.error() {
+            drop(ns);
+            self.end_session(&session);
+            return Err(CaptureError::Aborted(reason));
+        }
+        if !session.is_copied() {
+            return Err(CaptureError::NotCopied(session.files_pending()));
+        }
+        let entries = match session.collect_metadata() {
+            Ok(entries) => entries,
+            Err(reason) => {
+                session.abort(reason.clone());
+                drop(ns);
+                self.end_session(&session);
+                return Err(CaptureError::Aborted(reason));
+            }
+        };
         self.gate.switch(None);
-        let vp = session.mark_stopped();
+        let vp = session.mark_stopped(entries);
         drop(ns);
+        session.join_copiers();
         vp
     }
 
     /// Ends the session without a validity point (the client went away, or a failure).
-    pub fn abort_capture(&self, reason: &str) {
+    /// When this returns no copier thread of it is left.
+    pub fn abort_capture(&self, reason: AbortReason) {
         let _ctl = self.capture_ctl.lock();
         if let Some(session) = self.gate.peek() {
             session.abort(reason);
-            self.gate.switch(None);
+            self.end_session(&session);
         }
+    }
+
+    fn end_session(&self, session: &CaptureSession) {
+        debug_assert!(session.phase() == Phase::Aborted);
+        self.gate.switch(None);
+        session.join_copiers();
     }
 
     fn enter_namespace(&self) -> NamespacePass<'_> {
@@ -360,10 +380,11 @@ impl PassthroughFs {
     }
 
     fn mirror_created(&self, ns: &NamespacePass<'_>, parent: &Inode, name: &CStr, st: &libc::stat) {
-        if let Some(session) = ns.session()
-            && let Some(rel) = self.child_rel(parent, OsStr::from_bytes(name.to_bytes()))
-        {
-            session.created(&rel, st);
+        if let Some(session) = ns.session() {
+            match self.child_rel(parent, OsStr::from_bytes(name.to_bytes())) {
+                Some(rel) => session.created(&rel, st),
+                None => session.unresolvable("a new entry"),
+            }
         }
     }
 
@@ -416,18 +437,7 @@ impl PassthroughFs {
                     reopened.as_fd()
                 }
             };
-            let truncate = || -> FsResult<()> {
-                // SAFETY: ftruncate on a valid fd.
-                cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
-                Ok(())
-            };
-            let pass = self.gate.enter();
-            match &pass.session {
-                None => truncate()?,
-                Some(session) => session.resize(inode.key, truncate, || {
-                    sys::fstat_path(fd).ok().map(|st| st.st_size as u64)
-                })?,
-            }
+            self.truncate(&inode, fd, size)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let times = [timespec_of(set.atime), timespec_of(set.mtime)];
@@ -447,6 +457,22 @@ impl PassthroughFs {
             }
         }
         self.stat_inode(&inode)
+    }
+
+    /// Sets the size of `inode`'s file through `fd`, in a running session's view.
+    fn truncate(&self, inode: &Inode, fd: BorrowedFd<'_>, size: u64) -> FsResult<()> {
+        let truncate = || -> FsResult<()> {
+            // SAFETY: ftruncate on a valid fd.
+            cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+            Ok(())
+        };
+        let pass = self.gate.enter();
+        match &pass.session {
+            None => truncate(),
+            Some(session) => session.resize(inode.key, truncate, || {
+                sys::fstat_path(fd).ok().map(|st| st.st_size as u64)
+            }),
+        }
     }
 
     pub fn readlink(&self, id: u64) -> FsResult<Vec<u8>> {
@@ -539,8 +565,11 @@ impl PassthroughFs {
         let rel = ns.session().and_then(|_| self.child_rel(&parent, name));
         // SAFETY: `name` is NUL-terminated; the parent fd is valid.
         cvt(unsafe { libc::unlinkat(parent.fd().as_raw_fd(), cname.as_ptr(), flags) })?;
-        if let (Some(session), Some(rel)) = (ns.session(), rel) {
-            session.removed(&rel, victim, flags & libc::AT_REMOVEDIR != 0);
+        if let Some(session) = ns.session() {
+            match rel {
+                Some(rel) => session.removed(&rel, victim, flags & libc::AT_REMOVEDIR != 0),
+                None => session.unresolvable("a removed entry"),
+            }
         }
         Ok(())
     }
@@ -558,10 +587,12 @@ impl PassthroughFs {
         let to = self.inode(newparent)?;
         let cname = cstr(name)?;
         let cnewname = cstr(newname)?;
+        // Some(None): the session runs but the paths could not be resolved.
         let mirror = ns.session().and_then(|_| {
             let key_at = |dir: &Inode, name: &CStr| {
                 sys::fstatat(dir.fd(), name, libc::AT_SYMLINK_NOFOLLOW)
                     .ok()
+                    .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
                     .map(|st| InodeKey::of(&st))
             };
             let replaced = key_at(&to, &cnewname);
@@ -569,11 +600,11 @@ impl PassthroughFs {
             if replaced.is_some() && replaced == key_at(&from, &cname) {
                 return None;
             }
-            Some((
-                self.child_rel(&from, name)?,
-                self.child_rel(&to, newname)?,
-                replaced,
-            ))
+            Some(
+                self.child_rel(&from, name)
+                    .zip(self.child_rel(&to, newname))
+                    .map(|(a, b)| (a, b, replaced)),
+            )
         });
         // SAFETY: both names are NUL-terminated; both parent fds are valid.
         cvt(unsafe {
@@ -585,8 +616,12 @@ impl PassthroughFs {
                 flags,
             )
         })?;
-        if let (Some(session), Some((a, b, replaced))) = (ns.session(), mirror) {
-            session.renamed(&a, &b, flags, replaced);
+        match (ns.session(), mirror) {
+            (Some(session), Some(Some((a, b, replaced)))) => {
+                session.renamed(&a, &b, flags, replaced)
+            }
+            (Some(session), Some(None)) => session.unresolvable("a renamed entry"),
+            _ => {}
         }
         Ok(())
     }
@@ -609,10 +644,11 @@ impl PassthroughFs {
             )
         })?;
         let attr = self.lookup_in(&parent, &newname)?;
-        if let Some(session) = ns.session()
-            && let Some(rel) = self.child_rel(&parent, OsStr::from_bytes(newname.to_bytes()))
-        {
-            session.linked(inode.key, &rel);
+        if let Some(session) = ns.session() {
+            match self.child_rel(&parent, OsStr::from_bytes(newname.to_bytes())) {
+                Some(rel) => session.linked(inode.key, &rel),
+                None => session.unresolvable("a new hard link"),
+            }
         }
         Ok(attr)
     }
@@ -620,6 +656,10 @@ impl PassthroughFs {
     pub fn open(&self, id: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.inode(id)?;
         let (file, direct) = self.open_for_io(inode.fd(), flags)?;
+        // Only with FUSE_ATOMIC_O_TRUNC does the kernel leave the truncation to open.
+        if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.truncate(&inode, file.as_fd(), 0)?;
+        }
         let fh = self.add_file_handle(inode, file, flags, direct);
         Ok(Opened {
             fh,
@@ -669,25 +709,23 @@ impl PassthroughFs {
         let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
-        let file = {
-            let _creds = FsCredentials::assume(caller.uid, caller.gid);
-            sys::openat(
-                parent.fd().as_raw_fd(),
-                &name,
-                (flags & !STRIPPED_OPEN_FLAGS) | libc::O_CREAT | (flags & libc::O_EXCL),
-                mode,
-            )?
-        };
+        let (file, made) = self.create_or_open(&parent, &name, mode, flags, caller)?;
         let path_fd = sys::openat(
             self.proc_fds.as_raw_fd(),
             &Self::proc_name(file.as_fd()),
             libc::O_PATH,
             0,
         )?;
-        let st = sys::fstat_path(path_fd.as_fd())?;
+        let mut st = sys::fstat_path(path_fd.as_fd())?;
         let inode = self.inodes.remember(path_fd, &st);
+        if made {
+            self.mirror_created(&ns, &parent, &name, &st);
+        } else if flags & libc::O_TRUNC != 0 {
+            // An existing file: its truncation is a size change the session must see.
+            self.truncate(&inode, file.as_fd(), 0)?;
+            st = sys::fstat_path(inode.fd())?;
+        }
         let attr = self.attr(&inode, &st);
-        self.mirror_created(&ns, &parent, &name, &st);
         drop(ns);
         let (file, direct) = if flags & libc::O_DIRECT != 0 {
             self.open_for_io(file.as_fd(), flags & !libc::O_TRUNC)?
@@ -702,6 +740,41 @@ impl PassthroughFs {
                 direct_io: flags & libc::O_DIRECT != 0,
             },
         ))
+    }
+
+    /// Creates `name` in `parent`, or (without `O_EXCL`) opens it if it exists; true when
+    /// this call made it. Never truncates: see `create`.
+    fn create_or_open(
+        &self,
+        parent: &Inode,
+        name: &CStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(OwnedFd, bool)> {
+        let plain = flags & !STRIPPED_OPEN_FLAGS;
+        loop {
+            let made = {
+                let _creds = FsCredentials::assume(caller.uid, caller.gid);
+                sys::openat(
+                    parent.fd().as_raw_fd(),
+                    name,
+                    plain | libc::O_CREAT | libc::O_EXCL,
+                    mode,
+                )
+            };
+            match made {
+                Ok(file) => return Ok((file, true)),
+                Err(Errno::EEXIST) if flags & libc::O_EXCL == 0 => {}
+                Err(e) => return Err(e.into()),
+            }
+            match sys::openat(parent.fd().as_raw_fd(), name, plain | libc::O_NOFOLLOW, 0) {
+                Ok(file) => return Ok((file, false)),
+                // Removed in between: try creating it again.
+                Err(Errno::ENOENT) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -1010,8 +1083,16 @@ impl PassthroughFs {
         let n = match &pass.session {
             None => copy()?,
             Some(session) => {
-                let readback = self.buffered_fd(&output)?;
-                session.write_from_source(output.inode.key, offset_out, len, readback, copy)?
+                // The output may be open write-only: read what landed through a reader of
+                // its own (the output's range lock keeps it stable until mirrored).
+                let readback = self.reopen(&output.inode, libc::O_RDONLY)?;
+                session.write_from_source(
+                    output.inode.key,
+                    offset_out,
+                    len,
+                    readback.as_fd(),
+                    copy,
+                )?
             }
         };
         self.stats.written_bytes(n);

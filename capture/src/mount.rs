@@ -128,7 +128,11 @@ pub fn check(backing: &Path, mountpoint: &Path) -> Result<(PathBuf, PathBuf), Mo
     if let Some(existing) = mountinfo::mount_at(&mountpoint) {
         return Err(MountError::AlreadyMounted(
             mountpoint,
-            format!("{} from {}", existing.fstype, existing.source),
+            format!(
+                "{} from {}",
+                existing.fstype,
+                existing.source.to_string_lossy()
+            ),
         ));
     }
     let not_empty = fs::read_dir(&mountpoint)

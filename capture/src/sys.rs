@@ -171,7 +171,10 @@ pub struct FsCredentials {
 }
 
 impl FsCredentials {
+    /// Also makes sure this thread creates entries with exactly the modes it is given
+    /// (see `thread_umask_zero`).
     pub fn assume(uid: u32, gid: u32) -> FsCredentials {
+        thread_umask_zero();
         if uid == 0 && gid == 0 {
             return FsCredentials { old: None };
         }
@@ -194,4 +197,30 @@ impl Drop for FsCredentials {
             }
         }
     }
+}
+
+thread_local! {
+    static UMASK_CLEARED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Gives the calling thread a umask of its own, set to 0: the kernel has already applied
+/// the application's umask to every mode it sends us. The process umask (and with it
+/// everything else the process creates, such as backup images) is left alone.
+pub fn thread_umask_zero() {
+    if UMASK_CLEARED.with(|c| c.get()) {
+        return;
+    }
+    // SAFETY: unshare(CLONE_FS) gives this thread a private copy of its cwd, root and
+    // umask; umask then changes only that copy. Neither touches memory.
+    let private = unsafe { libc::unshare(libc::CLONE_FS) } == 0;
+    if private {
+        // SAFETY: as above; the umask is now this thread's own.
+        unsafe { libc::umask(0) };
+    } else {
+        tracing::warn!(
+            "could not give a filesystem thread its own umask ({}); new entries on the mount get the process umask",
+            std::io::Error::last_os_error()
+        );
+    }
+    UMASK_CLEARED.with(|c| c.set(true));
 }

@@ -2,6 +2,7 @@
 //! FUSE mount over a temp backing directory, cleaned up even when a test fails.
 #![allow(dead_code)]
 
+pub mod io;
 pub mod mariadb;
 
 use std::fs;

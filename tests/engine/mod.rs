@@ -2,6 +2,9 @@
 //! `capture` library), an image directory, and tree comparison.
 #![allow(dead_code)]
 
+#[path = "../common/io.rs"]
+pub mod io;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -82,7 +85,9 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        self.mounted.fs.abort_capture("test over");
+        self.mounted
+            .fs
+            .abort_capture(capture::session::AbortReason::Cancelled("test over".into()));
         let _ = self.mounted.unmount(true);
     }
 }
@@ -187,4 +192,72 @@ pub fn assert_image_is(rig: &Rig, expected: &BTreeMap<PathBuf, String>) {
         }
         panic!("image differs from the tree at the validity point:\n{diff}");
     }
+}
+
+/// Holds a thread at a hook point until the test releases it.
+pub struct Gate {
+    state: std::sync::Mutex<(bool, bool)>, // (arrived, released)
+    cv: std::sync::Condvar,
+}
+
+impl Gate {
+    pub fn new() -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            state: std::sync::Mutex::new((false, false)),
+            cv: std::sync::Condvar::new(),
+        })
+    }
+    pub fn hold(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        self.cv.notify_all();
+        while !s.1 {
+            s = self.cv.wait(s).unwrap();
+        }
+    }
+    pub fn wait_arrived(&self) {
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            s = self
+                .cv
+                .wait_timeout(s, std::time::Duration::from_secs(10))
+                .unwrap()
+                .0;
+        }
+    }
+    pub fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+pub fn hold_at(rig: &Rig, point: &'static str, at: u64) -> std::sync::Arc<Gate> {
+    let gate = Gate::new();
+    let g = gate.clone();
+    let once = std::sync::atomic::AtomicBool::new(false);
+    rig.mounted.fs.hooks.set(
+        point,
+        std::sync::Arc::new(move |_, off| {
+            if off == at && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                g.hold();
+            }
+        }),
+    );
+    gate
+}
+
+/// Runs `f` on a thread and reports whether it finished within `wait`.
+pub fn blocked_for<T: Send + 'static>(
+    wait: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (bool, std::thread::JoinHandle<T>) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    let handle = std::thread::spawn(move || {
+        let r = f();
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+        r
+    });
+    std::thread::sleep(wait);
+    (!done.load(std::sync::atomic::Ordering::SeqCst), handle)
 }
