@@ -70,14 +70,20 @@ impl Rig {
 
     /// Waits for the copy phase, then stops: the validity point.
     pub fn finish(&self, session: &CaptureSession) -> ValidityPoint {
-        let phase = session.wait_copied(Duration::from_secs(60));
-        assert_eq!(
-            phase,
-            Phase::Copied,
-            "copy did not finish: {:?}",
-            session.error()
-        );
-        let vp = self.mounted.fs.stop_capture().expect("stop capture");
+        let vp = loop {
+            let phase = session.wait_copied(Duration::from_secs(60));
+            assert_eq!(
+                phase,
+                Phase::Copied,
+                "copy did not finish: {:?}",
+                session.error()
+            );
+            match self.mounted.fs.stop_capture() {
+                // Late work arrived between the wait and the stop: copy it first.
+                Err(capture::session::CaptureError::NotCopied(_)) => continue,
+                other => break other.expect("stop capture"),
+            }
+        };
         vp.apply_metadata(&self.image).expect("apply metadata");
         vp
     }
@@ -94,13 +100,24 @@ impl Drop for Rig {
 
 /// Every entry below `root` with its kind, size, mode, link target and content digest.
 pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
+    tree_without(root, None)
+}
+
+/// Like `tree`, leaving out the top-level entry `excluded` (an excluded place of the
+/// session). A file's link count is the number of its names in what is compared, as the
+/// image (which has no excluded places) counts them.
+pub fn tree_without(root: &Path, excluded: Option<&str>) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<PathBuf, u64> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir).unwrap() {
             let path = e.unwrap().path();
-            let m = fs::symlink_metadata(&path).unwrap();
             let rel = path.strip_prefix(root).unwrap().to_path_buf();
+            if excluded.is_some_and(|x| rel.starts_with(x)) {
+                continue;
+            }
+            let m = fs::symlink_metadata(&path).unwrap();
             let meta = format!(
                 "{:o} {}:{} mtime={}.{:09}",
                 m.mode(),
@@ -117,16 +134,18 @@ pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
                 format!("symlink {meta} -> {}", target.display())
             } else if m.is_file() {
                 let data = fs::read(&path).unwrap();
-                format!(
-                    "file {meta} nlink={} size={} {}",
-                    m.nlink(),
-                    m.len(),
-                    digest(&data)
-                )
+                inodes.insert(rel.clone(), m.ino());
+                format!("file {meta} size={} {}", m.len(), digest(&data))
             } else {
                 continue; // fifos and sockets are not captured
             };
             out.insert(rel, desc);
+        }
+    }
+    for (rel, ino) in &inodes {
+        let names = inodes.values().filter(|i| *i == ino).count();
+        if let Some(desc) = out.get_mut(rel) {
+            *desc = desc.replacen(" size=", &format!(" nlink={names} size="), 1);
         }
     }
     out
