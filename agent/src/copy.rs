@@ -1,19 +1,16 @@
-//! `hotbackup copy`: a point-in-time image of the whole mount, without database
-//! coordination. The agent runs it on the client's connection: prepare the target, start
-//! the capture session, stream progress, stop at the end of the copy phase (the validity
-//! point), then finish the image (metadata, checksums, fsync, manifest).
+//! The backup target: preparing it (new or empty, outside the mount, marked incomplete),
+//! and finishing an image after its validity point (metadata, checksums, fsync,
+//! manifest). `staged.rs` drives a session through these stages.
 
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
 
-use capture::PassthroughFs;
-use capture::session::{AbortReason, CaptureError, Phase, Progress, SessionOptions, ValidityPoint};
+use capture::session::{CaptureError, ValidityPoint};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Source, Totals};
+use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Totals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -37,6 +34,38 @@ pub enum CopyError {
     Finish { target: PathBuf, error: io::Error },
 }
 
+/// How far the finishing pass (checksums and fsync) is; shared with the thread that
+/// reports it, which can also cancel it.
+#[derive(Default)]
+pub struct FinishCounters {
+    pub files_total: std::sync::atomic::AtomicU64,
+    pub files_done: std::sync::atomic::AtomicU64,
+    pub bytes_total: std::sync::atomic::AtomicU64,
+    pub bytes_done: std::sync::atomic::AtomicU64,
+    pub cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl FinishCounters {
+    pub fn snapshot(&self) -> FinishProgress {
+        use std::sync::atomic::Ordering::Relaxed;
+        FinishProgress {
+            files_total: self.files_total.load(Relaxed),
+            files_done: self.files_done.load(Relaxed),
+            bytes_total: self.bytes_total.load(Relaxed),
+            bytes_done: self.bytes_done.load(Relaxed),
+        }
+    }
+}
+
+/// Progress of the finishing pass, as reported to the client.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FinishProgress {
+    pub files_total: u64,
+    pub files_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+}
+
 /// What a finished copy reports.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct CopySummary {
@@ -49,109 +78,13 @@ pub struct CopySummary {
     pub validity_point: String,
 }
 
-/// Runs a copy of the mount into `target`. `report` is called with progress every few
-/// hundred milliseconds; when it fails (the client is gone) the copy is aborted.
-pub fn run_copy(
-    fs: &PassthroughFs,
-    mountpoint: &Path,
-    target: &Path,
-    options: SessionOptions,
-    mut report: impl FnMut(&Progress) -> io::Result<()>,
-) -> Result<CopySummary, CopyError> {
-    let started = SystemTime::now();
-    let clock = Instant::now();
-    options.validate()?;
-    let target = prepare_target(target, mountpoint, fs.backing())?;
-    let image = target.join(manifest::DATA);
-    private_dir(&image, false).map_err(|error| CopyError::Target {
-        target: target.clone(),
-        error,
-    })?;
-    let parallel = options.parallel;
-    let options_json = serde_json::to_value(&options).unwrap_or_default();
-    let session = match fs.start_capture(&image, options) {
-        Ok(s) => s,
-        Err(e) => {
-            mark_incomplete(&target, &e.to_string());
-            return Err(e.into());
-        }
-    };
-    let vp = loop {
-        let phase = session.wait_copied(Duration::from_millis(250));
-        if report(&session.progress()).is_err() {
-            fs.abort_capture(AbortReason::ClientGone);
-            mark_incomplete(&target, "the client went away during the copy");
-            return Err(CopyError::ClientGone(target));
-        }
-        match phase {
-            Phase::Copying => continue,
-            Phase::Copied => {}
-            Phase::Aborted | Phase::Stopped => {
-                let reason = session
-                    .error()
-                    .unwrap_or_else(|| AbortReason::Cancelled("ended".into()));
-                fs.abort_capture(reason.clone());
-                mark_incomplete(&target, &reason.to_string());
-                return Err(CaptureError::Aborted(reason).into());
-            }
-        }
-        match fs.stop_capture() {
-            Ok(vp) => break vp,
-            // Late work (a file moved into the image): copy it, then stop.
-            Err(CaptureError::NotCopied(_)) => continue,
-            Err(e) => {
-                mark_incomplete(&target, &e.to_string());
-                return Err(e.into());
-            }
-        }
-    };
-    let _ = report(&vp.progress);
-    let finished = finish_image(&target, &vp, parallel).and_then(|(entries, totals)| {
-        let manifest = Manifest {
-            format_version: manifest::FORMAT_VERSION,
-            tool: "hotbackup".into(),
-            tool_version: env!("CARGO_PKG_VERSION").into(),
-            kind: "copy".into(),
-            host: hostname(),
-            source: Source {
-                mountpoint: mountpoint.to_path_buf(),
-                backing: fs.backing().to_path_buf(),
-            },
-            started_at: manifest::rfc3339(started),
-            validity_point: manifest::rfc3339(vp.at),
-            finished_at: manifest::rfc3339(SystemTime::now()),
-            duration_secs: clock.elapsed().as_secs_f64(),
-            options: options_json,
-            totals: Totals {
-                bytes_copied: vp.progress.bytes_copied,
-                bytes_mirrored: vp.progress.bytes_mirrored,
-                ..totals
-            },
-            files: entries,
-        };
-        write_manifest(&target, &manifest)?;
-        Ok(manifest)
-    });
-    match finished {
-        Ok(m) => Ok(CopySummary {
-            target,
-            files: m.totals.files,
-            bytes: m.totals.bytes,
-            bytes_copied: m.totals.bytes_copied,
-            bytes_mirrored: m.totals.bytes_mirrored,
-            duration_secs: m.duration_secs,
-            validity_point: m.validity_point,
-        }),
-        Err(error) => {
-            mark_incomplete(&target, &format!("finishing the image failed: {error}"));
-            Err(CopyError::Finish { target, error })
-        }
-    }
-}
-
 /// Creates (or checks) the target: new or empty, outside the mount and the backing
 /// directory, and marked incomplete until the copy is finished.
-fn prepare_target(target: &Path, mountpoint: &Path, backing: &Path) -> Result<PathBuf, CopyError> {
+pub(crate) fn prepare_target(
+    target: &Path,
+    mountpoint: &Path,
+    backing: &Path,
+) -> Result<PathBuf, CopyError> {
     let err = |error| CopyError::Target {
         target: target.to_path_buf(),
         error,
@@ -212,7 +145,7 @@ fn resolve_nonexistent(p: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
-fn mark_incomplete(target: &Path, reason: &str) {
+pub(crate) fn mark_incomplete(target: &Path, reason: &str) {
     let _ = write_private(
         manifest::incomplete_marker(target),
         format!("this backup is not usable: {reason}\n"),
@@ -220,10 +153,11 @@ fn mark_incomplete(target: &Path, reason: &str) {
 }
 
 /// Applies the validity point's metadata, checksums every file, and fsyncs everything.
-fn finish_image(
+pub(crate) fn finish_image(
     target: &Path,
     vp: &ValidityPoint,
     parallel: usize,
+    counters: &FinishCounters,
 ) -> io::Result<(Vec<ManifestEntry>, Totals)> {
     let image = target.join(manifest::DATA);
     vp.apply_metadata(&image)?;
@@ -261,7 +195,13 @@ fn finish_image(
             });
         }
     }
-    hash_and_sync(&image, &mut entries, &files, parallel.max(1))?;
+    counters
+        .files_total
+        .store(files.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    counters
+        .bytes_total
+        .store(totals.bytes, std::sync::atomic::Ordering::Relaxed);
+    hash_and_sync(&image, &mut entries, &files, parallel.max(1), counters)?;
     for d in dirs.iter().rev() {
         File::open(d)?.sync_all()?;
     }
@@ -275,7 +215,9 @@ fn hash_and_sync(
     entries: &mut [ManifestEntry],
     files: &[usize],
     parallel: usize,
+    counters: &FinishCounters,
 ) -> io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<io::Result<Vec<(usize, String)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..parallel)
@@ -283,7 +225,10 @@ fn hash_and_sync(
                 scope.spawn(|| {
                     let mut out = Vec::new();
                     loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if counters.cancelled.load(Relaxed) {
+                            return Err(io::Error::other("cancelled"));
+                        }
+                        let i = next.fetch_add(1, Relaxed);
                         let Some(&idx) = files.get(i) else { break };
                         let path = image.join(&entries[idx].path);
                         let mut hasher = blake3::Hasher::new();
@@ -291,6 +236,8 @@ fn hash_and_sync(
                         hasher.update_reader(&file)?;
                         file.sync_all()?;
                         out.push((idx, hasher.finalize().to_hex().to_string()));
+                        counters.files_done.fetch_add(1, Relaxed);
+                        counters.bytes_done.fetch_add(entries[idx].size, Relaxed);
                     }
                     Ok(out)
                 })
@@ -312,7 +259,7 @@ fn hash_and_sync(
     Ok(())
 }
 
-fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
+pub(crate) fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
     let tmp = target.join(format!("{}.tmp", manifest::MANIFEST));
     let text = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
     write_private(&tmp, text)?;
@@ -324,7 +271,7 @@ fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {
 
 /// Everything a backup creates outside the image gets an explicit mode, whatever the
 /// agent's umask: a backup holds the database's data and must not be world-readable.
-fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
+pub(crate) fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(recursive)
@@ -332,7 +279,7 @@ fn private_dir(path: &Path, recursive: bool) -> io::Result<()> {
         .create(path)
 }
 
-fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<()> {
+pub(crate) fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
@@ -344,7 +291,7 @@ fn write_private(path: impl AsRef<Path>, contents: impl AsRef<[u8]>) -> io::Resu
         .write_all(contents.as_ref())
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default()

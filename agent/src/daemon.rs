@@ -1,7 +1,7 @@
 //! `hotbackup agent`: mount the capture filesystem, serve the control socket, and stay up
 //! until told to stop, refusing to pull the mount from under a running database.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -128,12 +128,7 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
                 }
                 Err(e) => {
                     tracing::error!("not unmounting: {e}; still serving");
-                    let _ = send(
-                        &reply_to,
-                        &Response::Error {
-                            message: e.to_string(),
-                        },
-                    );
+                    let _ = send(&reply_to, &Response::error(e.to_string()));
                 }
             },
             Err(RecvTimeoutError::Timeout) => {
@@ -287,32 +282,20 @@ fn answer(
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line)?;
+    let mut reader = BufReader::new(&stream);
+    reader.read_line(&mut line)?;
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(Request::Status) => Response::Status(Box::new(status.status())),
-        Ok(Request::Copy { target, options }) => {
-            tracing::info!(target = %target.display(), "copy requested");
-            let result =
-                crate::copy::run_copy(&status.fs, &status.mountpoint, &target, options, |p| {
-                    send(&stream, &Response::Progress(p.clone()))
-                });
-            match result {
-                Ok(summary) => {
-                    tracing::info!(
-                        target = %summary.target.display(),
-                        bytes = summary.bytes,
-                        mirrored = summary.bytes_mirrored,
-                        "copy complete"
-                    );
-                    Response::Copied(summary)
-                }
-                Err(e) => {
-                    tracing::error!("copy failed: {e}");
-                    Response::Error {
-                        message: e.to_string(),
-                    }
-                }
-            }
+        Ok(Request::Begin { target, options }) => {
+            tracing::info!(target = %target.display(), "backup session requested");
+            return crate::staged::serve(
+                &status.fs,
+                &status.mountpoint,
+                &stream,
+                &mut reader,
+                &target,
+                options,
+            );
         }
         Ok(Request::Unmount { force }) => {
             let _ = events.send(Event::Unmount {
@@ -321,16 +304,12 @@ fn answer(
             });
             return Ok(());
         }
-        Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
-        },
+        Ok(other) => Response::error(format!(
+            "{other:?} belongs to a backup session; start one with Begin first"
+        )),
+        Err(e) => Response::error(format!("bad request: {e}")),
     };
     send(&stream, &response)
 }
 
-fn send(stream: &UnixStream, response: &Response) -> std::io::Result<()> {
-    let mut out = serde_json::to_string(response).expect("responses serialize");
-    out.push('\n');
-    let mut writer = stream;
-    writer.write_all(out.as_bytes())
-}
+use crate::staged::send;

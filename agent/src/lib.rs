@@ -6,6 +6,7 @@ pub mod control;
 pub mod copy;
 pub mod daemon;
 pub mod manifest;
+pub mod staged;
 
 pub use client::{AgentAddress, ClientError};
 pub use control::{AgentStatus, Request, Response};

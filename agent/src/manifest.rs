@@ -16,7 +16,7 @@ pub struct Manifest {
     pub format_version: u32,
     pub tool: String,
     pub tool_version: String,
-    /// `copy` for a raw tree image (database backups come later).
+    /// `copy` for a raw tree image, `backup` for a database backup.
     pub kind: String,
     pub host: String,
     pub source: Source,
@@ -25,6 +25,10 @@ pub struct Manifest {
     pub finished_at: String,
     pub duration_secs: f64,
     pub options: serde_json::Value,
+    /// What the client that drove the session adds (a database backup: server,
+    /// coordinates, lock times); null for a raw copy.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub database: serde_json::Value,
     pub totals: Totals,
     pub files: Vec<ManifestEntry>,
 }

@@ -121,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { agent, json } => {
             let status = match agent::client::call(&agent.address(), &Request::Status)? {
                 Response::Status(s) => *s,
-                Response::Error { message } => bail!("{message}"),
+                Response::Error { message, .. } => bail!("{message}"),
                 other => bail!("unexpected answer from the agent: {other:?}"),
             };
             if json {
@@ -150,47 +150,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 std::env::current_dir()?.join(target_dir)
             };
-            let request = Request::Copy {
-                target,
-                options: SessionOptions {
-                    parallel,
-                    throttle_bytes_per_sec: throttle.map(|t| (t * 1_000_000.0) as u64),
-                    exclude,
-                    ..SessionOptions::default()
-                },
+            let options = SessionOptions {
+                parallel,
+                throttle_bytes_per_sec: throttle.map(|t| (t * 1_000_000.0) as u64),
+                exclude,
+                ..SessionOptions::default()
             };
             let json = progress == render::ProgressMode::Json
                 || (progress == render::ProgressMode::Auto
                     && !std::io::IsTerminal::is_terminal(&std::io::stderr()));
             let mut sink = render::sink(progress);
-            let mut outcome = None;
-            agent::client::call_streaming(
+            // The agent reports several times a second in every stage: a minute of
+            // silence means it is stuck.
+            let idle = Duration::from_secs(60);
+            let (mut session, _copied) = agent::client::StagedClient::begin(
                 &agent.address(),
-                &request,
-                Duration::from_secs(600),
-                |r| match r {
-                    Response::Progress(p) => {
-                        sink.update(&p);
-                        true
-                    }
-                    other => {
-                        outcome = Some(other);
-                        false
-                    }
-                },
+                &target,
+                options,
+                idle,
+                |r| sink.update(r),
             )?;
+            session.stop(|r| sink.update(r))?;
+            let summary = session.finish("copy", serde_json::Value::Null, Vec::new(), |r| {
+                sink.update(r)
+            })?;
             sink.finish();
-            match outcome {
-                Some(Response::Copied(summary)) => {
-                    println!("{}", render::summary(&summary, json));
-                    Ok(())
-                }
-                Some(Response::Error { message }) => bail!("{message}"),
-                Some(other) => bail!("unexpected answer from the agent: {other:?}"),
-                None => {
-                    bail!("the agent closed the connection before the copy finished; see its log")
-                }
-            }
+            println!("{}", render::summary(&summary, json));
+            Ok(())
         }
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
@@ -198,7 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("unmounted");
                     Ok(())
                 }
-                Response::Error { message } => bail!("{message}"),
+                Response::Error { message, .. } => bail!("{message}"),
                 other => bail!("unexpected answer from the agent: {other:?}"),
             }
         }

@@ -2,8 +2,8 @@
 
 use std::io::IsTerminal;
 
+use agent::control::Report;
 use agent::copy::CopySummary;
-use capture::session::Progress;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -17,7 +17,7 @@ pub enum ProgressMode {
 }
 
 pub trait ProgressSink {
-    fn update(&mut self, p: &Progress);
+    fn update(&mut self, r: &Report);
     fn finish(&mut self);
 }
 
@@ -50,7 +50,17 @@ impl Bar {
 }
 
 impl ProgressSink for Bar {
-    fn update(&mut self, p: &Progress) {
+    fn update(&mut self, r: &Report) {
+        if let Some(f) = &r.finishing {
+            self.0.set_length(f.bytes_total.max(f.bytes_done));
+            self.0.set_position(f.bytes_done);
+            self.0.set_message(format!(
+                "finishing: {}/{} files checksummed and synced",
+                f.files_done, f.files_total
+            ));
+            return;
+        }
+        let p = &r.capture;
         self.0.set_length(p.bytes_total.max(p.bytes_copied));
         self.0.set_position(p.bytes_copied);
         self.0.set_message(format!(
@@ -73,8 +83,8 @@ impl ProgressSink for Bar {
 struct JsonLines;
 
 impl ProgressSink for JsonLines {
-    fn update(&mut self, p: &Progress) {
-        if let Ok(line) = serde_json::to_string(&serde_json::json!({ "progress": p })) {
+    fn update(&mut self, r: &Report) {
+        if let Ok(line) = serde_json::to_string(&serde_json::json!({ "progress": r })) {
             println!("{line}");
         }
     }
@@ -85,7 +95,7 @@ impl ProgressSink for JsonLines {
 struct Quiet;
 
 impl ProgressSink for Quiet {
-    fn update(&mut self, _: &Progress) {}
+    fn update(&mut self, _: &Report) {}
     fn finish(&mut self) {}
 }
 
