@@ -1,7 +1,8 @@
 //! Named pause points for deterministic race tests: a test installs a callback at a point
 //! (the copier between reading and writing a chunk, a write between entering the gate and
-//! writing the source...) and holds the thread there while it provokes the race. Unused,
-//! a point costs one relaxed atomic load.
+//! writing the source...) and holds the thread there while it provokes the race. Built
+//! only with the `test-hooks` feature (which the engine's tests turn on); without it a
+//! point compiles to nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,11 +20,13 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    #[cfg(feature = "test-hooks")]
     pub fn set(&self, point: &'static str, hook: Hook) {
         self.installed.lock().insert(point, hook);
         self.enabled.store(true, Ordering::SeqCst);
     }
 
+    #[cfg(feature = "test-hooks")]
     pub fn clear(&self) {
         self.installed.lock().clear();
         self.enabled.store(false, Ordering::SeqCst);
@@ -31,7 +34,7 @@ impl Hooks {
 
     #[inline]
     pub fn fire(&self, point: &'static str, offset: u64) {
-        if self.enabled.load(Ordering::Relaxed) {
+        if cfg!(feature = "test-hooks") && self.enabled.load(Ordering::Relaxed) {
             let hook = self.installed.lock().get(point).cloned();
             if let Some(hook) = hook {
                 hook(point, offset);

@@ -70,7 +70,8 @@ impl RangeLock {
         RangeGuard { lock: self, ticket }
     }
 
-    /// Number of held or waiting requests (for tests and status).
+    /// Number of held or waiting requests.
+    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.state.lock().entries.len()
     }

@@ -27,10 +27,6 @@ impl CopiedRanges {
         }
     }
 
-    pub fn is_everything(&self) -> bool {
-        self.tail_from == Some(0)
-    }
-
     /// Marks `[start, end)` as copied.
     pub fn insert(&mut self, start: u64, end: u64) {
         if start >= end {
