@@ -8,9 +8,8 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
-use agent::{AgentAddress, AgentOptions, AgentStatus, Request, Response};
+use agent::{AgentAddress, AgentOptions, AgentStatus, CopyOptions, Request, Response};
 use anyhow::{Context, bail};
-use capture::session::SessionOptions;
 use clap::{Args, Parser, Subcommand};
 use render::bytes;
 
@@ -54,16 +53,8 @@ enum Command {
         /// DIR/backup.json.
         #[arg(long, value_name = "DIR")]
         target_dir: PathBuf,
-        /// Copier threads (2 was faster than 4 on a 2-core machine, and disturbs the
-        /// database less).
-        #[arg(long, default_value_t = 2)]
-        parallel: usize,
-        /// Limit the copier to this many MB/s (writes are always mirrored at full speed).
-        #[arg(long, value_name = "MB/s")]
-        throttle: Option<f64>,
-        /// Leave out entries matching this glob (relative to the mount root); repeatable.
-        #[arg(long, value_name = "GLOB")]
-        exclude: Vec<String>,
+        #[command(flatten)]
+        options: CopyOptions,
         /// How to show progress.
         #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
         progress: render::ProgressMode,
@@ -134,27 +125,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Copy {
             agent,
             target_dir,
-            parallel,
-            throttle,
-            exclude,
+            options,
             progress,
         } => {
-            if parallel == 0 {
-                bail!("--parallel must be at least 1");
-            }
-            if throttle.is_some_and(|t| t <= 0.0) {
-                bail!("--throttle must be a positive number of MB/s");
-            }
+            let options = options.session()?;
             let target = if target_dir.is_absolute() {
                 target_dir
             } else {
                 std::env::current_dir()?.join(target_dir)
-            };
-            let options = SessionOptions {
-                parallel,
-                throttle_bytes_per_sec: throttle.map(|t| (t * 1_000_000.0) as u64),
-                exclude,
-                ..SessionOptions::default()
             };
             let json = progress == render::ProgressMode::Json
                 || (progress == render::ProgressMode::Auto
@@ -257,7 +235,7 @@ fn print_status(s: &AgentStatus) {
     if let Some(p) = &s.session {
         println!(
             "session     {:?}: {}/{} files, {} of {} copied, {} mirrored{}",
-            p.phase.unwrap_or(capture::session::Phase::Copying),
+            p.phase.unwrap_or(agent::Phase::Copying),
             p.files_copied,
             p.files_total,
             bytes(p.bytes_copied),
