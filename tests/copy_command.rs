@@ -207,8 +207,12 @@ fn a_full_target_aborts_the_session_but_never_an_application_write() {
         .join()
         .expect("the application's writes must all succeed");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("No space left"), "{err}");
+    // Exit code 3: the target failed.
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("target is full") && err.contains("No space left"),
+        "{err}"
+    );
     assert!(writes > 0);
     let marker = fs::read_to_string(small.join("backup/INCOMPLETE")).unwrap();
     assert!(marker.contains("No space left"), "{marker}");

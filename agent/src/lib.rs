@@ -10,7 +10,7 @@ pub mod options;
 pub mod staged;
 
 /// What the command line shows of a session, without reaching into the capture crate.
-pub use capture::session::{Phase, Progress};
+pub use capture::session::{AbortReason, Phase, Progress};
 pub use client::{AgentAddress, ClientError};
 pub use control::{AgentStatus, Request, Response};
 pub use daemon::{AgentError, AgentOptions, run_agent};

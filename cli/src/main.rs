@@ -1,7 +1,10 @@
 //! The `hotbackup` command: parses, calls the agent library, renders. Nothing else.
 //!
 //! Exit codes: 0 success; 1 the command failed (the message says why and what to do);
-//! 2 the command line was wrong.
+//! 2 the command line was wrong; 3 the backup target failed (full, or an I/O error);
+//! 4 the session was aborted by what happened on the mount (a read error, a change it
+//! could not follow, an internal error); 5 the session was cancelled or its client went
+//! away. With 3 to 5 the target is left marked INCOMPLETE.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -97,8 +100,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("hotbackup: {err:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&err))
         }
+    }
+}
+
+/// The documented exit code of a failure (see the module's doc).
+fn exit_code(err: &anyhow::Error) -> u8 {
+    use agent::AbortReason as R;
+    let abort = err
+        .chain()
+        .find_map(|e| match e.downcast_ref::<agent::ClientError>() {
+            Some(agent::ClientError::Agent { abort, .. }) => abort.clone(),
+            _ => None,
+        });
+    match abort {
+        None => 1,
+        Some(R::TargetFull(_) | R::TargetIo(_)) => 3,
+        Some(R::SourceIo(_) | R::Untrackable(_) | R::Panic(_)) => 4,
+        Some(R::Cancelled(_) | R::ClientGone) => 5,
     }
 }
 
