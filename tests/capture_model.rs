@@ -11,9 +11,10 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::{Arc, Barrier};
+use std::sync::Barrier;
 
 use capture::session::SessionOptions;
+use engine::direct::Direct;
 use engine::{Rig, assert_image_is, tree, tree_without};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -100,9 +101,24 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Applies one operation; failures (a missing file, a rename onto a directory...) are
-/// part of the game: the tree at the stop is the truth either way.
-fn apply(root: &Path, op: &Op) {
+/// Applies one operation, through the mount or (without one) by direct calls; failures
+/// (a missing file, a rename onto a directory...) are part of the game: the tree at the
+/// stop is the truth either way.
+fn apply(rig: &Rig, op: &Op) {
+    if rig.mounted.is_some() {
+        apply_mounted(&rig.mnt, op)
+    } else {
+        apply_direct(
+            &Direct {
+                fs: &rig.fs,
+                dirs: &rig.dirs,
+            },
+            op,
+        )
+    }
+}
+
+fn apply_mounted(root: &Path, op: &Op) {
     let p = |i: usize| root.join(FILES[i]);
     let d = |i: usize| root.join(DIRS[i]);
     let _ = match *op {
@@ -167,6 +183,34 @@ fn apply(root: &Path, op: &Op) {
     };
 }
 
+fn apply_direct(d: &Direct<'_>, op: &Op) {
+    let _ = match *op {
+        Op::Write { f, off, len, byte } => d.write_at(FILES[f], &vec![byte; len], off),
+        Op::Append { f, len, byte } => d.append(FILES[f], &vec![byte; len]),
+        Op::Truncate { f, size } => d.set_len(FILES[f], size),
+        Op::Create { f } => d.create_new(FILES[f]),
+        Op::Unlink { f } => d.unlink(FILES[f]),
+        Op::RenameFile { from, to } => d.rename(FILES[from], FILES[to]),
+        Op::RenameDir { from, to } => d.rename(DIRS[from], DIRS[to]),
+        Op::Mkdir { d: i } => d.mkdir(DIRS[i]),
+        Op::Link { f, to } => d.link(FILES[f], FILES[to]),
+        Op::Punch { f, off, len } => d.fallocate(
+            FILES[f],
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        ),
+        Op::Chmod { f, mode } => d.chmod(FILES[f], mode),
+        Op::CopyRange {
+            from,
+            to,
+            off_in,
+            off_out,
+            len,
+        } => d.copy_range(FILES[from], off_in, FILES[to], off_out, len as u64),
+    };
+}
+
 #[derive(Clone, Debug)]
 struct Case {
     /// Initial file sizes (0 = absent).
@@ -219,8 +263,7 @@ fn reset(root: &Path) {
 
 fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
     // A failed (panicked) case may have left its session behind.
-    rig.mounted
-        .fs
+    rig.fs
         .abort_capture(capture::session::AbortReason::Cancelled("next case".into()));
     reset(&rig.mnt);
     reset(&rig.image);
@@ -244,33 +287,28 @@ fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
         max_open_image_files: case.open_image_files,
         exclude: vec![EXCLUDED.into()],
     });
-    let pause = Arc::new(Barrier::new(case.writers.len() + 1));
-    let resume = Arc::new(Barrier::new(case.writers.len() + 1));
-    let threads: Vec<_> = case
-        .writers
-        .iter()
-        .cloned()
-        .map(|(before, after)| {
-            let (root, pause, resume) = (rig.mnt.clone(), pause.clone(), resume.clone());
-            std::thread::spawn(move || {
-                for op in &before {
-                    apply(&root, op);
+    let pause = Barrier::new(case.writers.len() + 1);
+    let resume = Barrier::new(case.writers.len() + 1);
+    let (vp, expected) = std::thread::scope(|scope| {
+        for (before, after) in &case.writers {
+            let (pause, resume) = (&pause, &resume);
+            scope.spawn(move || {
+                for op in before {
+                    apply(rig, op);
                 }
                 pause.wait();
                 resume.wait();
-                for op in &after {
-                    apply(&root, op);
+                for op in after {
+                    apply(rig, op);
                 }
-            })
-        })
-        .collect();
-    pause.wait();
-    let vp = rig.finish(&session);
-    let expected = tree_without(&rig.mnt, Some(EXCLUDED));
-    resume.wait();
-    for t in threads {
-        t.join().unwrap();
-    }
+            });
+        }
+        pause.wait();
+        let vp = rig.finish(&session);
+        let expected = tree_without(&rig.mnt, Some(EXCLUDED));
+        resume.wait();
+        (vp, expected)
+    });
     prop_assert!(
         vp.progress.error.is_none(),
         "session error: {:?}",
@@ -304,9 +342,27 @@ fn image_equals_the_tree_at_the_stop() {
     }
 }
 
+/// The same model without a mount: the calls the kernel would make, made directly, so
+/// that many more cases fit in the time (the FUSE layer has tests of its own).
+#[test]
+fn image_equals_the_tree_at_the_stop_without_a_mount() {
+    let rig = Rig::unmounted();
+    let mut runner = TestRunner::new(Config {
+        cases: cases() * 3,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&case(), |c| run_case(&rig, &c)) {
+        panic!("{e}\nKeep the minimal case above as a regression_* test.");
+    }
+}
+
 /// Runs a kept case `times` times (timing-dependent failures need repeats).
 fn regression(case: Case, times: usize) {
-    let rig = Rig::new();
+    regression_on(Rig::new(), case, times)
+}
+
+fn regression_on(rig: Rig, case: Case, times: usize) {
     let trace = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     if std::env::var("TRACE_HOOKS").is_ok() {
         let t0 = std::time::Instant::now();
@@ -321,7 +377,7 @@ fn regression(case: Case, times: usize) {
             "resize",
         ] {
             let trace = trace.clone();
-            rig.mounted.fs.hooks.set(
+            rig.fs.hooks.set(
                 point,
                 std::sync::Arc::new(move |p, off| {
                     trace

@@ -136,7 +136,7 @@ fn truncate_then_regrow_with_copier_at(copied_chunks: u64) {
     fs::write(rig.m("f"), &data).unwrap();
     let gate = Gate::new();
     let g = gate.clone();
-    rig.mounted.fs.hooks.set(
+    rig.fs.hooks.set(
         "copier.before_chunk",
         std::sync::Arc::new(move |_, off| {
             if off == copied_chunks * chunk {
@@ -157,7 +157,7 @@ fn truncate_then_regrow_with_copier_at(copied_chunks: u64) {
     gate.release();
     let expected = tree(&rig.mnt);
     rig.finish(&session);
-    rig.mounted.fs.hooks.clear();
+    rig.fs.hooks.clear();
     assert_image_is(&rig, &expected);
 }
 
@@ -218,7 +218,7 @@ fn a_write_in_flight_at_session_start_finishes_before_the_copy_begins() {
         f.write_all_at(&[0xab; 100], 777).unwrap();
     });
     gate.wait_arrived();
-    let fs_handle = rig.mounted.fs.clone();
+    let fs_handle = rig.fs.clone();
     let image = rig.image.clone();
     let (blocked, starter) = blocked_for(WAIT, move || {
         fs_handle
@@ -251,7 +251,7 @@ fn the_stop_waits_for_a_mirrored_write_in_flight() {
         f.write_all_at(&[0xcd; 100], 555).unwrap();
     });
     gate.wait_arrived();
-    let fs_handle = rig.mounted.fs.clone();
+    let fs_handle = rig.fs.clone();
     let (blocked, stopper) = blocked_for(WAIT, move || fs_handle.stop_capture().unwrap());
     gate.release();
     writer.join().unwrap();
@@ -338,7 +338,7 @@ fn a_panic_while_mirroring_aborts_the_session_but_not_the_write() {
     fs::write(rig.m("f"), vec![1u8; 10_000]).unwrap();
     let session = rig.start(small_chunks());
     session.wait_copied(std::time::Duration::from_secs(30));
-    rig.mounted.fs.hooks.set(
+    rig.fs.hooks.set(
         "write.before_mirror",
         std::sync::Arc::new(|_, off| {
             if off == 4242 {
@@ -349,7 +349,7 @@ fn a_panic_while_mirroring_aborts_the_session_but_not_the_write() {
     let f = OpenOptions::new().write(true).open(rig.m("f")).unwrap();
     f.write_all_at(b"application data", 4242)
         .expect("the application's write must succeed");
-    rig.mounted.fs.hooks.clear();
+    rig.fs.hooks.clear();
     assert_eq!(
         &fs::read(rig.m("f")).unwrap()[4242..4258],
         b"application data"
@@ -362,20 +362,20 @@ fn a_panic_while_mirroring_aborts_the_session_but_not_the_write() {
     );
     // The mount serves on and later writes work; the stop reports the abort.
     f.write_all_at(b"later", 0).unwrap();
-    assert!(rig.mounted.fs.stop_capture().is_err());
+    assert!(rig.fs.stop_capture().is_err());
 }
 
 #[test]
 fn a_panic_in_a_copier_thread_aborts_the_session_and_the_mount_serves_on() {
     let rig = Rig::new();
     fs::write(rig.m("f"), vec![1u8; 256 * 1024]).unwrap();
-    rig.mounted.fs.hooks.set(
+    rig.fs.hooks.set(
         "copier.chunk_read",
         std::sync::Arc::new(|_, _| panic!("injected fault in the copier")),
     );
     let session = rig.start(small_chunks());
     let phase = session.wait_copied(std::time::Duration::from_secs(30));
-    rig.mounted.fs.hooks.clear();
+    rig.fs.hooks.clear();
     assert_eq!(phase, capture::session::Phase::Aborted);
     assert!(
         matches!(session.error(), Some(AbortReason::Panic(ref m)) if m.contains("copier thread panicked")),
@@ -384,9 +384,7 @@ fn a_panic_in_a_copier_thread_aborts_the_session_and_the_mount_serves_on() {
     );
     fs::write(rig.m("g"), b"still serving").unwrap();
     assert_eq!(fs::read(rig.m("g")).unwrap(), b"still serving");
-    rig.mounted
-        .fs
-        .abort_capture(AbortReason::Cancelled("test".into()));
+    rig.fs.abort_capture(AbortReason::Cancelled("test".into()));
     // A new session works after the aborted one.
     fs::remove_dir_all(&rig.image).unwrap();
     fs::create_dir(&rig.image).unwrap();

@@ -1,7 +1,9 @@
 //! Harness for capture-engine tests: a real FUSE mount served by this test process (the
-//! `capture` library), an image directory, and tree comparison.
+//! `capture` library) or, without a mount, the same filesystem driven by direct calls
+//! (`direct.rs`); an image directory; and tree comparison.
 #![allow(dead_code)]
 
+pub mod direct;
 #[path = "../common/io.rs"]
 pub mod io;
 
@@ -13,17 +15,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capture::session::{CaptureSession, Phase, SessionOptions, ValidityPoint};
-use capture::{MountOptions, Mounted};
+use capture::{MountOptions, Mounted, PassthroughFs};
 
 pub struct Rig {
     pub dir: tempfile::TempDir,
     pub backing: PathBuf,
+    /// Where the tree is seen: the mountpoint, or the backing directory without a mount.
     pub mnt: PathBuf,
     pub image: PathBuf,
-    pub mounted: Mounted,
+    pub fs: Arc<PassthroughFs>,
+    pub mounted: Option<Mounted>,
+    /// Without a mount: the directory locking the kernel would do (`direct.rs`).
+    pub dirs: std::sync::RwLock<()>,
 }
 
 impl Rig {
+    /// The filesystem without a mount: operations are direct calls (`direct::Direct`).
+    pub fn unmounted() -> Rig {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-engine-")
+            .tempdir()
+            .unwrap();
+        let backing = dir.path().join("backing");
+        let image = dir.path().join("image");
+        for d in [&backing, &image] {
+            fs::create_dir(d).unwrap();
+        }
+        let fs = Arc::new(PassthroughFs::new(&fs::canonicalize(&backing).unwrap()).unwrap());
+        Rig {
+            dir,
+            mnt: backing.clone(),
+            backing,
+            image,
+            fs,
+            mounted: None,
+            dirs: Default::default(),
+        }
+    }
+
     pub fn new() -> Rig {
         let dir = tempfile::Builder::new()
             .prefix("hb-engine-")
@@ -49,7 +78,9 @@ impl Rig {
             backing,
             mnt,
             image,
-            mounted,
+            fs: mounted.fs.clone(),
+            mounted: Some(mounted),
+            dirs: Default::default(),
         }
     }
 
@@ -62,8 +93,7 @@ impl Rig {
     }
 
     pub fn start(&self, options: SessionOptions) -> Arc<CaptureSession> {
-        self.mounted
-            .fs
+        self.fs
             .start_capture(&self.image, options)
             .expect("start capture")
     }
@@ -78,7 +108,7 @@ impl Rig {
                 "copy did not finish: {:?}",
                 session.error()
             );
-            match self.mounted.fs.stop_capture() {
+            match self.fs.stop_capture() {
                 // Late work arrived between the wait and the stop: copy it first.
                 Err(capture::session::CaptureError::NotCopied(_)) => continue,
                 other => break other.expect("stop capture"),
@@ -91,10 +121,11 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        self.mounted
-            .fs
+        self.fs
             .abort_capture(capture::session::AbortReason::Cancelled("test over".into()));
-        let _ = self.mounted.unmount(true);
+        if let Some(mounted) = &mut self.mounted {
+            let _ = mounted.unmount(true);
+        }
     }
 }
 
@@ -244,6 +275,19 @@ impl Gate {
                 .0;
         }
     }
+    /// Like `wait_arrived`, giving up after `limit`; true if the thread arrived.
+    pub fn arrived_within(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut s = self.state.lock().unwrap();
+        while !s.0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self.cv.wait_timeout(s, deadline - now).unwrap().0;
+        }
+        true
+    }
     pub fn release(&self) {
         self.state.lock().unwrap().1 = true;
         self.cv.notify_all();
@@ -254,7 +298,7 @@ pub fn hold_at(rig: &Rig, point: &'static str, at: u64) -> std::sync::Arc<Gate> 
     let gate = Gate::new();
     let g = gate.clone();
     let once = std::sync::atomic::AtomicBool::new(false);
-    rig.mounted.fs.hooks.set(
+    rig.fs.hooks.set(
         point,
         std::sync::Arc::new(move |_, off| {
             if off == at && !once.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -126,6 +126,14 @@ impl CaptureSession {
         // Under the namespace lock: a source rename and its image rename (and the names
         // recorded here) change together, so the name found is the file's current one.
         let _ns = self.ns.lock();
+        // The inode number may have been freed and reused by a new file since this work
+        // was queued: copy only under the capture state registered now (and, holding
+        // the source open below, it stays so), never under a stale one whose range locks
+        // no writer of the new file takes.
+        let current = self.files.read().get(&key).cloned();
+        if !current.is_some_and(|c| std::ptr::eq(Arc::as_ptr(&c), fc)) {
+            return Ok(None);
+        }
         let paths = self.paths.read();
         let Some(rel) = paths.get(&key).and_then(|v| v.first()) else {
             return Ok(None); // unlinked before its turn
