@@ -11,14 +11,12 @@
 //! steady stream of new operations cannot keep the barrier waiting.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::time::Duration;
+use std::sync::atomic::Ordering::SeqCst;
 
-use arc_swap::ArcSwapOption;
-use parking_lot::Mutex;
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, SwapOption};
 
 pub struct CaptureGate<S> {
-    current: ArcSwapOption<S>,
+    current: SwapOption<S>,
     epoch: AtomicUsize,
     inflight: [AtomicU64; 2],
     switching: Mutex<()>,
@@ -40,7 +38,7 @@ impl<S> Drop for Pass<'_, S> {
 impl<S> Default for CaptureGate<S> {
     fn default() -> Self {
         CaptureGate {
-            current: ArcSwapOption::const_empty(),
+            current: SwapOption::const_empty(),
             epoch: AtomicUsize::new(0),
             inflight: [AtomicU64::new(0), AtomicU64::new(0)],
             switching: Mutex::new(()),
@@ -87,44 +85,19 @@ impl<S> CaptureGate<S> {
         while self.inflight[old].load(SeqCst) != 0 {
             spins += 1;
             if spins < 100 {
-                std::thread::yield_now();
+                crate::sync::yield_now();
             } else {
-                std::thread::sleep(Duration::from_micros(50));
+                crate::sync::pause();
             }
         }
         previous
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
-
-    #[test]
-    fn switch_waits_for_operations_that_saw_the_old_state() {
-        let gate = Arc::new(CaptureGate::<u32>::new());
-        let pass = gate.enter();
-        assert!(pass.session.is_none());
-        let switched = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (gate, switched) = (gate.clone(), switched.clone());
-            std::thread::spawn(move || {
-                gate.switch(Some(Arc::new(7)));
-                switched.store(true, SeqCst);
-            })
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !switched.load(SeqCst),
-            "switch returned while an old operation ran"
-        );
-        // New operations are not blocked and already see the new session.
-        assert_eq!(gate.enter().session.as_deref(), Some(&7));
-        drop(pass);
-        t.join().unwrap();
-        assert!(switched.load(SeqCst));
-    }
 
     #[test]
     fn a_stream_of_new_operations_does_not_stall_the_switch() {
@@ -149,5 +122,57 @@ mod tests {
         for w in workers {
             w.join().unwrap();
         }
+    }
+}
+
+/// The gate's barrier under shuttle's randomized schedules: every interleaving of an
+/// operation's entry with a switch must leave no operation that saw the old state still
+/// running when the switch returns. Run by `scripts/test` with `--features shuttle`.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::*;
+    use shuttle::sync::atomic::AtomicUsize as Count;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    #[test]
+    fn switch_returns_only_when_operations_that_saw_an_older_state_are_done() {
+        shuttle::check_random(
+            || {
+                let gate = Arc::new(CaptureGate::<usize>::new());
+                // Per state (0 = no session, k = the k-th session): operations that saw
+                // it and have not finished.
+                let inside: Arc<[Count; 4]> = Arc::new(Default::default());
+                let ops: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (gate, inside) = (gate.clone(), inside.clone());
+                        shuttle::thread::spawn(move || {
+                            for _ in 0..3 {
+                                let pass = gate.enter();
+                                let seen = pass.session.as_deref().copied().unwrap_or(0);
+                                inside[seen].fetch_add(1, SeqCst);
+                                shuttle::thread::yield_now();
+                                inside[seen].fetch_sub(1, SeqCst);
+                                drop(pass);
+                            }
+                        })
+                    })
+                    .collect();
+                // Two counters serve every switch: the third reuses the first one's.
+                for k in 1..=3 {
+                    gate.switch(Some(Arc::new(k)));
+                    for older in 0..k {
+                        assert_eq!(
+                            inside[older].load(SeqCst),
+                            0,
+                            "switch {k} returned while an operation that saw state {older} ran"
+                        );
+                    }
+                }
+                for op in ops {
+                    op.join().unwrap();
+                }
+            },
+            3000,
+        );
     }
 }

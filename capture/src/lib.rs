@@ -13,6 +13,7 @@ mod rangelock;
 mod ranges;
 pub mod session;
 pub mod stats;
+mod sync;
 mod sys;
 
 pub use fs::{FsError, PassthroughFs};

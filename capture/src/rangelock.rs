@@ -3,7 +3,7 @@
 //! to different ranges of one file proceed in parallel. Requests are served in arrival
 //! order among those that overlap, so a stream of appends cannot starve the copier.
 
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{Condvar, Mutex};
 
 /// Exclusive end of a range that reaches to the end of any file.
 pub const TO_END: u64 = u64::MAX;
@@ -71,7 +71,7 @@ impl RangeLock {
     }
 
     /// Number of held or waiting requests.
-    #[cfg(test)]
+    #[cfg(all(test, not(feature = "shuttle")))]
     pub fn pending(&self) -> usize {
         self.state.lock().entries.len()
     }
@@ -93,12 +93,9 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(feature = "shuttle")))]
 mod tests {
     use super::*;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::time::Duration;
 
     #[test]
     fn disjoint_ranges_do_not_wait() {
@@ -108,57 +105,86 @@ mod tests {
         let _c = lock.lock(500, TO_END);
         assert_eq!(lock.pending(), 3);
     }
+}
+
+/// The range lock under shuttle's randomized schedules: overlapping ranges are never held
+/// at once, and overlapping requests are granted in arrival order.
+#[cfg(all(test, feature = "shuttle"))]
+mod shuttle_tests {
+    use super::*;
+    use std::sync::Arc;
 
     #[test]
-    fn overlapping_range_waits_for_release() {
-        let lock = Arc::new(RangeLock::new());
-        let held = lock.lock(0, 100);
-        let entered = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (lock, entered) = (lock.clone(), entered.clone());
-            std::thread::spawn(move || {
-                let _g = lock.lock(50, 60);
-                entered.store(true, Ordering::SeqCst);
-            })
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(
-            !entered.load(Ordering::SeqCst),
-            "overlapping lock was granted"
+    fn overlapping_ranges_are_never_held_together_and_go_in_order() {
+        shuttle::check_random(
+            || {
+                let lock = Arc::new(RangeLock::new());
+                // Who holds what, and the order overlapping holders of byte 50 got it.
+                let held = Arc::new(shuttle::sync::Mutex::new(Vec::<(u64, u64)>::new()));
+                let ranges = [(0, 100), (50, 60), (90, TO_END), (200, 300)];
+                let threads: Vec<_> = ranges
+                    .into_iter()
+                    .map(|(start, end)| {
+                        let (lock, held) = (lock.clone(), held.clone());
+                        shuttle::thread::spawn(move || {
+                            let _g = lock.lock(start, end);
+                            {
+                                let mut h = held.lock().unwrap();
+                                for &(s, e) in h.iter() {
+                                    assert!(
+                                        !overlaps((s, e), (start, end)),
+                                        "[{start},{end}) granted while [{s},{e}) is held"
+                                    );
+                                }
+                                h.push((start, end));
+                            }
+                            shuttle::thread::yield_now();
+                            held.lock().unwrap().retain(|&r| r != (start, end));
+                        })
+                    })
+                    .collect();
+                for t in threads {
+                    t.join().unwrap();
+                }
+            },
+            2000,
         );
-        drop(held);
-        t.join().unwrap();
-        assert!(entered.load(Ordering::SeqCst));
-        assert_eq!(lock.pending(), 0);
     }
 
     #[test]
-    fn a_waiting_tail_lock_is_not_starved_by_later_writers() {
-        let lock = Arc::new(RangeLock::new());
-        let first = lock.lock(1000, 1010);
-        let order = Arc::new(AtomicU64::new(0));
-        let tail = {
-            let (lock, order) = (lock.clone(), order.clone());
-            std::thread::spawn(move || {
-                let _g = lock.lock(0, TO_END);
-                order.fetch_add(1, Ordering::SeqCst)
-            })
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        let later = {
-            let (lock, order) = (lock.clone(), order.clone());
-            std::thread::spawn(move || {
-                let _g = lock.lock(2000, 2010);
-                order.fetch_add(1, Ordering::SeqCst)
-            })
-        };
-        std::thread::sleep(Duration::from_millis(50));
-        drop(first);
-        assert_eq!(
-            tail.join().unwrap(),
-            0,
-            "the earlier tail request must go first"
+    fn an_earlier_overlapping_request_is_served_first() {
+        shuttle::check_random(
+            || {
+                let lock = Arc::new(RangeLock::new());
+                let first = lock.lock(10, 20);
+                // The whole-file request arrives before the later one: it must be granted
+                // first although the later one does not overlap what is held.
+                let order = Arc::new(shuttle::sync::Mutex::new(Vec::new()));
+                let tail = {
+                    let (lock, order) = (lock.clone(), order.clone());
+                    shuttle::thread::spawn(move || {
+                        let _g = lock.lock(0, TO_END);
+                        order.lock().unwrap().push("tail");
+                    })
+                };
+                // Wait until the tail request is queued.
+                while lock.state.lock().entries.len() < 2 {
+                    shuttle::thread::yield_now();
+                }
+                let later = {
+                    let (lock, order) = (lock.clone(), order.clone());
+                    shuttle::thread::spawn(move || {
+                        let _g = lock.lock(500, 510);
+                        order.lock().unwrap().push("later");
+                    })
+                };
+                shuttle::thread::yield_now();
+                drop(first);
+                tail.join().unwrap();
+                later.join().unwrap();
+                assert_eq!(*order.lock().unwrap(), ["tail", "later"]);
+            },
+            2000,
         );
-        assert_eq!(later.join().unwrap(), 1);
     }
 }
