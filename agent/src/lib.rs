@@ -5,6 +5,7 @@ pub mod client;
 pub mod control;
 pub mod copy;
 pub mod daemon;
+pub mod db;
 pub mod manifest;
 pub mod options;
 pub mod staged;

@@ -1,0 +1,263 @@
+//! Which server we talk to, and each flavor's statement plan for the validity point, as
+//! pure functions of what the server told us (unit-tested here for the flavors that
+//! cannot be installed on our machines).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Flavor {
+    MariaDb,
+    MySql,
+    Percona,
+}
+
+impl Flavor {
+    /// From `@@version` and `@@version_comment`.
+    pub fn detect(version: &str, comment: &str) -> Flavor {
+        if version.to_ascii_lowercase().contains("mariadb") {
+            Flavor::MariaDb
+        } else if comment.to_ascii_lowercase().contains("percona") {
+            Flavor::Percona
+        } else {
+            Flavor::MySql
+        }
+    }
+}
+
+/// `major.minor` of a version string such as `10.11.19-MariaDB-0+deb12u1`.
+pub fn major_minor(version: &str) -> (u32, u32) {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// What decides the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanFacts {
+    pub flavor: Flavor,
+    pub version: (u32, u32),
+    /// `innodb_flush_log_at_trx_commit`.
+    pub flush_log_at_trx_commit: u8,
+    /// Tables of engines other than InnoDB exist (MySQL 8 then needs a read lock).
+    pub non_innodb_tables: bool,
+    pub binlog: bool,
+    pub replica: bool,
+}
+
+/// The statements of the validity point, stage by stage.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Before anything is locked, once the copy phase is over: locks that wait for DDL
+    /// and flush non-transactional tables (each wait bounded by `lock_wait_timeout`).
+    pub prepare: Vec<String>,
+    /// Blocks commits (and binlog writes): the commit block starts when it returns.
+    pub block_commits: Vec<String>,
+    /// Under the block: make the engine log cover every commit in the binlog.
+    pub sync_engine_log: Vec<String>,
+    /// Under the block: where the binlog is.
+    pub binlog_coordinates: Vec<String>,
+    /// Under the block, on a replica: where each replication connection is.
+    pub replica_coordinates: Vec<String>,
+    /// After the stop: every lock released, in order.
+    pub release: Vec<String>,
+}
+
+/// The statement plan of a flavor.
+pub fn plan(f: &PlanFacts) -> Plan {
+    let flush_logs = "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS".to_string();
+    match f.flavor {
+        Flavor::MariaDb => Plan {
+            prepare: vec![
+                "BACKUP STAGE START".into(),
+                "BACKUP STAGE FLUSH".into(),
+                "BACKUP STAGE BLOCK_DDL".into(),
+            ],
+            block_commits: vec!["BACKUP STAGE BLOCK_COMMIT".into()],
+            // FLUSH ENGINE LOGS writes InnoDB's log buffer only when the setting is not
+            // 0 (and does not fsync at 2; we need the write, not the fsync: the capture
+            // sees every write). At 0 the setting is raised to 2 for that one flush.
+            sync_engine_log: if f.flush_log_at_trx_commit == 0 {
+                vec![
+                    "SET GLOBAL innodb_flush_log_at_trx_commit = 2".into(),
+                    flush_logs,
+                    "SET GLOBAL innodb_flush_log_at_trx_commit = 0".into(),
+                ]
+            } else {
+                vec![flush_logs]
+            },
+            binlog_coordinates: if f.binlog {
+                vec![
+                    "SHOW MASTER STATUS".into(),
+                    "SELECT @@GLOBAL.gtid_binlog_pos".into(),
+                ]
+            } else {
+                Vec::new()
+            },
+            replica_coordinates: if f.replica {
+                vec![
+                    "SHOW ALL SLAVES STATUS".into(),
+                    "SELECT @@GLOBAL.gtid_slave_pos".into(),
+                ]
+            } else {
+                Vec::new()
+            },
+            release: vec!["BACKUP STAGE END".into()],
+        },
+        Flavor::Percona if f.version < (8, 0) => Plan {
+            prepare: vec!["LOCK TABLES FOR BACKUP".into()],
+            block_commits: vec!["LOCK BINLOG FOR BACKUP".into()],
+            sync_engine_log: vec![flush_logs],
+            binlog_coordinates: if f.binlog {
+                vec![
+                    "SHOW MASTER STATUS".into(),
+                    "SELECT @@GLOBAL.gtid_executed".into(),
+                ]
+            } else {
+                Vec::new()
+            },
+            replica_coordinates: if f.replica {
+                vec!["SHOW SLAVE STATUS".into()]
+            } else {
+                Vec::new()
+            },
+            release: vec!["UNLOCK BINLOG".into(), "UNLOCK TABLES".into()],
+        },
+        // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but not
+        // commits; a read lock blocks commits, taken only when tables of other engines
+        // need it. Otherwise performance_schema.log_status gives the binlog position and
+        // the redo LSN as one consistent snapshot.
+        Flavor::MySql | Flavor::Percona => {
+            let read_lock = f.non_innodb_tables;
+            Plan {
+                prepare: vec!["LOCK INSTANCE FOR BACKUP".into()],
+                block_commits: if read_lock {
+                    vec!["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK".into()]
+                } else {
+                    Vec::new()
+                },
+                sync_engine_log: vec![flush_logs],
+                binlog_coordinates: if f.binlog {
+                    vec!["SELECT LOCAL FROM performance_schema.log_status".into()]
+                } else {
+                    Vec::new()
+                },
+                replica_coordinates: if f.replica {
+                    vec!["SHOW REPLICA STATUS".into()]
+                } else {
+                    Vec::new()
+                },
+                release: if read_lock {
+                    vec!["UNLOCK TABLES".into(), "UNLOCK INSTANCE".into()]
+                } else {
+                    vec!["UNLOCK INSTANCE".into()]
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(flavor: Flavor, version: (u32, u32)) -> PlanFacts {
+        PlanFacts {
+            flavor,
+            version,
+            flush_log_at_trx_commit: 1,
+            non_innodb_tables: false,
+            binlog: true,
+            replica: false,
+        }
+    }
+
+    #[test]
+    fn detects_flavors_from_version_strings() {
+        assert_eq!(
+            Flavor::detect("10.11.19-MariaDB-0+deb12u1", "Debian 12"),
+            Flavor::MariaDb
+        );
+        assert_eq!(
+            Flavor::detect("8.0.36", "MySQL Community Server - GPL"),
+            Flavor::MySql
+        );
+        assert_eq!(
+            Flavor::detect(
+                "8.0.35-27",
+                "Percona Server (GPL), Release 27, Revision 2f8eeab2"
+            ),
+            Flavor::Percona
+        );
+        assert_eq!(major_minor("10.11.19-MariaDB-0+deb12u1"), (10, 11));
+        assert_eq!(major_minor("5.7.44-48-log"), (5, 7));
+    }
+
+    #[test]
+    fn mariadb_blocks_commits_with_backup_stages_and_raises_a_zero_log_setting() {
+        let p = plan(&facts(Flavor::MariaDb, (10, 11)));
+        assert_eq!(
+            p.prepare,
+            [
+                "BACKUP STAGE START",
+                "BACKUP STAGE FLUSH",
+                "BACKUP STAGE BLOCK_DDL"
+            ]
+        );
+        assert_eq!(p.block_commits, ["BACKUP STAGE BLOCK_COMMIT"]);
+        assert_eq!(p.sync_engine_log, ["FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS"]);
+        assert_eq!(p.release, ["BACKUP STAGE END"]);
+        assert!(p.replica_coordinates.is_empty());
+        let zero = plan(&PlanFacts {
+            flush_log_at_trx_commit: 0,
+            replica: true,
+            binlog: false,
+            ..facts(Flavor::MariaDb, (10, 11))
+        });
+        assert_eq!(
+            zero.sync_engine_log,
+            [
+                "SET GLOBAL innodb_flush_log_at_trx_commit = 2",
+                "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS",
+                "SET GLOBAL innodb_flush_log_at_trx_commit = 0"
+            ]
+        );
+        assert!(zero.binlog_coordinates.is_empty());
+        assert_eq!(zero.replica_coordinates[0], "SHOW ALL SLAVES STATUS");
+    }
+
+    #[test]
+    fn percona_57_uses_backup_locks() {
+        let p = plan(&facts(Flavor::Percona, (5, 7)));
+        assert_eq!(p.prepare, ["LOCK TABLES FOR BACKUP"]);
+        assert_eq!(p.block_commits, ["LOCK BINLOG FOR BACKUP"]);
+        assert_eq!(p.release, ["UNLOCK BINLOG", "UNLOCK TABLES"]);
+    }
+
+    #[test]
+    fn mysql_8_takes_a_read_lock_only_for_non_innodb_tables() {
+        for flavor in [Flavor::MySql, Flavor::Percona] {
+            let p = plan(&facts(flavor, (8, 0)));
+            assert_eq!(p.prepare, ["LOCK INSTANCE FOR BACKUP"]);
+            assert!(p.block_commits.is_empty());
+            assert_eq!(
+                p.binlog_coordinates,
+                ["SELECT LOCAL FROM performance_schema.log_status"]
+            );
+            assert_eq!(p.release, ["UNLOCK INSTANCE"]);
+            let myisam = plan(&PlanFacts {
+                non_innodb_tables: true,
+                replica: true,
+                ..facts(flavor, (8, 0))
+            });
+            assert_eq!(
+                myisam.block_commits,
+                ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
+            );
+            assert_eq!(myisam.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
+            assert_eq!(myisam.replica_coordinates, ["SHOW REPLICA STATUS"]);
+        }
+    }
+}
