@@ -182,6 +182,13 @@ mod tests {
         assert_eq!(set.files.len(), 2);
         // A required file that is missing is an error.
         let missing = dir.path().join("nope.cnf");
-        assert!(read(&[missing.clone()], &[missing], &["client"]).is_err());
+        assert!(
+            read(
+                std::slice::from_ref(&missing),
+                std::slice::from_ref(&missing),
+                &["client"]
+            )
+            .is_err()
+        );
     }
 }
