@@ -1,11 +1,13 @@
 //! The hotbackup agent: serves the capture filesystem, answers on a control socket, and
 //! (in later layers) coordinates backups. `cli` only parses and renders; this decides.
 
+pub mod backup;
 pub mod client;
 pub mod control;
 pub mod copy;
 pub mod daemon;
 pub mod db;
+pub mod history;
 pub mod manifest;
 pub mod options;
 pub mod staged;

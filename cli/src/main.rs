@@ -11,6 +11,8 @@ use std::process::ExitCode;
 
 use std::time::Duration;
 
+use agent::backup::BackupOptions;
+use agent::db::ConnectionOptions;
 use agent::{AgentAddress, AgentOptions, AgentStatus, CopyOptions, Request, Response};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
@@ -62,6 +64,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
         progress: render::ProgressMode,
     },
+    /// Back up a running MariaDB server whose datadir is on a hotbackup mount: an exact
+    /// image at one instant, taken with commits blocked for milliseconds, that starts
+    /// with crash recovery and records the binlog and replication coordinates.
+    Backup {
+        #[command(flatten)]
+        connection: ConnectionOptions,
+        /// Where the backup goes (new or empty): the image in DIR/data, the manifest in
+        /// DIR/backup.json, the coordinates in DIR/hotbackup_binlog_info.
+        #[arg(long, value_name = "DIR")]
+        target_dir: PathBuf,
+        #[command(flatten)]
+        options: BackupOptions,
+        /// How to show progress.
+        #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
+        progress: render::ProgressMode,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -108,18 +126,55 @@ fn main() -> ExitCode {
 /// The documented exit code of a failure (see the module's doc).
 fn exit_code(err: &anyhow::Error) -> u8 {
     use agent::AbortReason as R;
-    let abort = err
-        .chain()
-        .find_map(|e| match e.downcast_ref::<agent::ClientError>() {
+    use agent::backup::BackupError;
+    let abort = err.chain().find_map(|e| {
+        let client = e.downcast_ref::<agent::ClientError>().or_else(|| {
+            match e.downcast_ref::<BackupError>() {
+                Some(BackupError::Agent(c)) => Some(c),
+                _ => None,
+            }
+        });
+        match client {
             Some(agent::ClientError::Agent { abort, .. }) => abort.clone(),
             _ => None,
-        });
+        }
+    });
     match abort {
         None => 1,
         Some(R::TargetFull(_) | R::TargetIo(_)) => 3,
         Some(R::SourceIo(_) | R::Untrackable(_) | R::Panic(_)) => 4,
         Some(R::Cancelled(_) | R::ClientGone) => 5,
     }
+}
+
+/// Reads a password from the terminal without echoing it.
+fn prompt_password() -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios calls on the terminal we opened; the old state is restored below.
+    let mut term: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::tcgetattr(fd, &mut term) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = term;
+    term.c_lflag &= !libc::ECHO;
+    // SAFETY: as above.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &term) };
+    let mut out = &tty;
+    let _ = out.write_all(b"Enter password: ");
+    let mut line = String::new();
+    let read = std::io::BufReader::new(&tty).read_line(&mut line);
+    // SAFETY: restores the terminal state saved above.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &old) };
+    let _ = out.write_all(b"\n");
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -174,6 +229,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             sink.finish();
             println!("{}", render::summary(&summary, json));
+            Ok(())
+        }
+        Command::Backup {
+            connection,
+            target_dir,
+            options,
+            progress,
+        } => {
+            let target = if target_dir.is_absolute() {
+                target_dir
+            } else {
+                std::env::current_dir()?.join(target_dir)
+            };
+            let conn = connection.resolve(prompt_password)?;
+            let json = progress == render::ProgressMode::Json
+                || (progress == render::ProgressMode::Auto
+                    && !std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let mut sink = render::sink(progress);
+            let summary = agent::backup::run(&conn, &target, &options, |e| match e {
+                agent::backup::Event::Copy(r) => sink.update(r),
+                agent::backup::Event::Note(n) => eprintln!("hotbackup: {n}"),
+            });
+            sink.finish();
+            println!("{}", render::backup_summary(&summary?, json));
             Ok(())
         }
         Command::Unmount { agent, force } => {

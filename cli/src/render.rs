@@ -131,3 +131,45 @@ pub fn bytes(n: u64) -> String {
         format!("{v:.1} {}", UNITS[unit])
     }
 }
+
+pub fn backup_summary(s: &agent::backup::BackupSummary, json: bool) -> String {
+    if json {
+        return serde_json::to_string(&serde_json::json!({ "backup": s })).unwrap_or_default();
+    }
+    let binlog = match &s.binlog {
+        Some(b) => format!(
+            "binlog {} at {}, GTID {}",
+            b.file,
+            b.position,
+            if b.gtid.is_empty() { "(none)" } else { &b.gtid }
+        ),
+        None => "no binlog (the server runs without one): no coordinates recorded".into(),
+    };
+    let mut out = format!(
+        "backup complete: {}\n  {} files, {} ({} copied, {} mirrored) in {:.1}s\n  validity point {}\n  {binlog}\n  commits blocked for {:.1} ms",
+        s.image.target.display(),
+        s.image.files,
+        bytes(s.image.bytes),
+        bytes(s.image.bytes_copied),
+        bytes(s.image.bytes_mirrored),
+        s.image.duration_secs,
+        s.image.validity_point,
+        s.lock.commit_block_ms,
+    );
+    for c in &s.replication {
+        out.push_str(&format!(
+            "\n  replica of {}:{}{}: executed up to {} at {} (GTID: {})",
+            c.source_host,
+            c.source_port,
+            if c.name.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", c.name)
+            },
+            c.exec_file,
+            c.exec_position,
+            c.using_gtid
+        ));
+    }
+    out
+}

@@ -4,6 +4,7 @@
 
 pub mod io;
 pub mod mariadb;
+pub mod replication;
 
 use std::fs;
 use std::path::{Path, PathBuf};

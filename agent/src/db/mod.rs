@@ -4,6 +4,7 @@
 
 pub mod flavor;
 pub mod optfile;
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

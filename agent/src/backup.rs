@@ -1,0 +1,533 @@
+//! The coordinator of `hotbackup backup`: drives a staged capture session on the agent
+//! and a SQL connection to the server through the validity point (DESIGN §4): copy with
+//! no lock; then prepare (flush and block DDL), block commits, make the engine log cover
+//! every commit, read the coordinates, stop capture, release; then finish the image
+//! with the database's files. The server is never left locked and a replica is never
+//! left with a stopped SQL thread, whatever fails.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::{AgentAddress, ClientError, StagedClient};
+use crate::control::{ExtraFile, Report, Request, Response};
+use crate::copy::CopySummary;
+use crate::db::flavor::{self, Flavor, Plan, PlanFacts};
+use crate::db::server::{self, BinlogPosition, ReplicaConnection, ServerFacts};
+use crate::db::{Db, DbError, Target, quote};
+use crate::history::History;
+use crate::options::CopyOptions;
+
+/// Everything `hotbackup backup` takes besides the connection and the target.
+#[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupOptions {
+    #[command(flatten)]
+    pub copy: CopyOptions,
+    /// The agent's control socket (default: found from the server's datadir mount).
+    #[arg(long, value_name = "PATH")]
+    pub agent_socket: Option<PathBuf>,
+    /// Seconds any one lock may be waited for (a long ALTER or MyISAM write must not
+    /// keep the server waiting behind the backup's queued lock).
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    pub lock_wait_timeout: u64,
+    /// On a replica: stop the SQL threads until no temporary table is open.
+    #[arg(long)]
+    pub safe_slave_backup: bool,
+    /// Seconds to wait for the replica's temporary tables to close.
+    #[arg(long, default_value_t = 300, value_name = "S")]
+    pub safe_slave_backup_timeout: u64,
+    /// Where the backup history goes (one JSON line per state change).
+    #[arg(long, value_name = "PATH", default_value = crate::history::DEFAULT_FILE)]
+    pub history_file: PathBuf,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            copy: CopyOptions::default(),
+            agent_socket: None,
+            lock_wait_timeout: 60,
+            safe_slave_backup: false,
+            safe_slave_backup_timeout: 300,
+            history_file: PathBuf::from(crate::history::DEFAULT_FILE),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error("{0}")]
+    Refused(String),
+    #[error(
+        "{stage} waited longer than --lock-wait-timeout ({timeout}s){blocker}; the backup was stopped and nothing stays locked; retry when it is done, or raise --lock-wait-timeout"
+    )]
+    LockWait {
+        stage: String,
+        timeout: u64,
+        blocker: String,
+    },
+    #[error("the backup failed at the validity point: {0}")]
+    AtValidityPoint(String),
+}
+
+/// What a finished backup reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackupSummary {
+    pub image: CopySummary,
+    pub binlog: Option<BinlogPosition>,
+    pub replication: Vec<ReplicaConnection>,
+    pub lock: LockTimes,
+}
+
+/// How long each stage waited and how long commits were blocked, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LockTimes {
+    /// From the moment commits were blocked until they were allowed again.
+    pub commit_block_ms: f64,
+    /// Each statement of the plan with how long it took.
+    pub stages: Vec<(String, f64)>,
+}
+
+/// What the coordinator reports while it works.
+pub enum Event<'a> {
+    Copy(&'a Report),
+    Note(String),
+}
+
+/// The agent serving the mount that holds `datadir`, with the mountpoint.
+pub fn agent_for(datadir: &Path) -> Result<(AgentAddress, PathBuf), BackupError> {
+    let datadir = std::fs::canonicalize(datadir).unwrap_or_else(|_| datadir.to_path_buf());
+    let mount = capture::mountinfo::mounts()
+        .into_iter()
+        .rev()
+        .filter(|m| datadir.starts_with(&m.mountpoint))
+        .max_by_key(|m| m.mountpoint.components().count());
+    let Some(mount) = mount else {
+        return Err(BackupError::Refused(format!(
+            "the server's datadir {} is on no mount the agent serves; put it on a hotbackup mount (`hotbackup agent`), or pass --agent-socket",
+            datadir.display()
+        )));
+    };
+    let source = mount.source.to_string_lossy();
+    match source.strip_prefix(crate::client::SOURCE_PREFIX) {
+        Some(socket) if mount.fstype.starts_with("fuse") => Ok((
+            AgentAddress::Socket(PathBuf::from(socket)),
+            mount.mountpoint,
+        )),
+        _ => Err(BackupError::Refused(format!(
+            "the server's datadir {} is on {} ({}), not on a hotbackup mount; run the server on a hotbackup mount, or pass --agent-socket",
+            datadir.display(),
+            mount.mountpoint.display(),
+            mount.fstype
+        ))),
+    }
+}
+
+/// Runs a backup of the server at `conn` into `target`.
+pub fn run(
+    conn: &Target,
+    target: &Path,
+    options: &BackupOptions,
+    mut events: impl FnMut(Event<'_>),
+) -> Result<BackupSummary, BackupError> {
+    let session_options = options
+        .copy
+        .session()
+        .map_err(|e| BackupError::Refused(e.to_string()))?;
+    // ----- preflight: nothing is created before all of this passes -----------------
+    let mut db = Db::connect(conn)?;
+    let facts = ServerFacts::read(&mut db)?;
+    if facts.flavor != Flavor::MariaDb {
+        events(Event::Note(format!(
+            "{:?} {}: this flavor's statement plan is built but only MariaDB is tested here",
+            facts.flavor, facts.version
+        )));
+    }
+    let replicas = match db.rows("SHOW ALL SLAVES STATUS") {
+        Ok(rows) => rows.iter().map(ReplicaConnection::from_row).collect(),
+        // Without the privilege the check below names it.
+        Err(DbError::Query { code: 1227, .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let replicas: Vec<ReplicaConnection> = replicas;
+    let is_replica = !replicas.is_empty();
+    let grants: Vec<String> = db
+        .rows("SHOW GRANTS FOR CURRENT_USER()")?
+        .into_iter()
+        .filter_map(|r| r.into_values().next().flatten())
+        .collect();
+    let missing = server::missing_privileges(
+        &grants,
+        &server::needed_privileges(&facts, is_replica, options.safe_slave_backup),
+    );
+    if !missing.is_empty() {
+        return Err(BackupError::Refused(format!(
+            "user {:?} lacks what the backup needs: {}",
+            conn.user,
+            missing.join("; ")
+        )));
+    }
+    let (address, mountpoint) = match &options.agent_socket {
+        Some(s) => (
+            AgentAddress::Socket(s.clone()),
+            agent_for(&facts.datadir)
+                .map(|(_, m)| m)
+                .unwrap_or_default(),
+        ),
+        None => agent_for(&facts.datadir)?,
+    };
+    if !mountpoint.as_os_str().is_empty() {
+        for (setting, path) in &facts.paths {
+            let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            if !resolved.starts_with(&mountpoint) {
+                return Err(BackupError::Refused(format!(
+                    "{setting} is {}, outside the hotbackup mount {}: the image would miss it; move it below the mount (or set {setting} to a path there) and restart the server",
+                    path.display(),
+                    mountpoint.display()
+                )));
+            }
+        }
+    }
+    match crate::client::call(&address, &Request::Status)? {
+        Response::Status(s) if s.session.is_some() => {
+            return Err(BackupError::Refused(
+                "another backup is running on this mount; wait for it to finish (see `hotbackup status`)".into(),
+            ));
+        }
+        Response::Status(_) => {}
+        other => {
+            return Err(BackupError::Refused(format!(
+                "the agent answered {other:?} to a status request"
+            )));
+        }
+    }
+    let plan = flavor::plan(&PlanFacts {
+        flavor: facts.flavor,
+        version: facts.version_pair(),
+        flush_log_at_trx_commit: facts.flush_log_at_trx_commit,
+        non_innodb_tables: false,
+        binlog: facts.log_bin,
+        replica: is_replica,
+    });
+    let history = History::open(&options.history_file, target);
+    history.record("starting", None);
+    // ----- the copy: no server lock at all ------------------------------------------
+    let idle = Duration::from_secs(120);
+    let (mut session, _) = StagedClient::begin(&address, target, session_options, idle, |r| {
+        events(Event::Copy(r))
+    })
+    .inspect_err(|e| history.record("error", Some(&e.to_string())))?;
+    history.record("copying", None);
+    // ----- the validity point -------------------------------------------------------
+    let mut sql_threads = SqlThreads::default();
+    let outcome = validity_point(
+        &mut db,
+        &mut session,
+        &plan,
+        options,
+        &replicas,
+        &mut sql_threads,
+        &mut events,
+    );
+    // Whatever happened: no lock stays (END, or the connection closes), and every SQL
+    // thread we stopped runs again.
+    let released = release(&mut db, &plan, outcome.is_err());
+    let restarted = sql_threads.restore(&mut db);
+    let (coords, lock) = match (outcome, released, restarted) {
+        (Ok(v), Ok(()), Ok(())) => v,
+        (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => {
+            session.cancel(&e.to_string());
+            history.record(
+                if matches!(e, BackupError::Agent(ClientError::Agent { .. })) {
+                    "error"
+                } else {
+                    "cancelled"
+                },
+                Some(&e.to_string()),
+            );
+            return Err(e);
+        }
+    };
+    history.record("validity_point", None);
+    // ----- finish: the database's files next to the image ---------------------------
+    let mut files = vec![ExtraFile {
+        name: "hotbackup-my.cnf".into(),
+        contents: my_cnf(&facts),
+    }];
+    if let Some(b) = &coords.binlog {
+        files.push(ExtraFile {
+            name: "hotbackup_binlog_info".into(),
+            contents: b.info_line(),
+        });
+    }
+    if !coords.replication.is_empty() {
+        files.push(ExtraFile {
+            name: "hotbackup_slave_info".into(),
+            contents: server::slave_info(&coords.replication, &coords.gtid_slave_pos),
+        });
+    }
+    // Where the datadir is inside the image (the image is the whole mount).
+    let datadir_in_image = std::fs::canonicalize(&facts.datadir)
+        .ok()
+        .and_then(|d| d.strip_prefix(&mountpoint).ok().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let database = serde_json::json!({
+        "datadir_in_image": datadir_in_image,
+        "server": {
+            "flavor": facts.flavor,
+            "version": facts.version,
+            "server_id": facts.server_id,
+            "hostname": facts.hostname,
+            "datadir": facts.datadir,
+            "binlog_format": facts.binlog_format,
+            "innodb_flush_log_at_trx_commit": facts.flush_log_at_trx_commit,
+            "sync_binlog": facts.sync_binlog,
+        },
+        "binlog": coords.binlog,
+        "replication": coords.replication,
+        "gtid_slave_pos": coords.gtid_slave_pos,
+        "lock": lock,
+    });
+    let image = session
+        .finish("backup", database, files, |r| events(Event::Copy(r)))
+        .inspect_err(|e| history.record("error", Some(&e.to_string())))?;
+    history.record("complete", None);
+    Ok(BackupSummary {
+        image,
+        binlog: coords.binlog,
+        replication: coords.replication,
+        lock,
+    })
+}
+
+/// What was read under the commit block.
+#[derive(Default)]
+struct Coordinates {
+    binlog: Option<BinlogPosition>,
+    replication: Vec<ReplicaConnection>,
+    gtid_slave_pos: String,
+}
+
+fn validity_point(
+    db: &mut Db,
+    session: &mut StagedClient,
+    plan: &Plan,
+    options: &BackupOptions,
+    replicas: &[ReplicaConnection],
+    sql_threads: &mut SqlThreads,
+    events: &mut impl FnMut(Event<'_>),
+) -> Result<(Coordinates, LockTimes), BackupError> {
+    let mut lock = LockTimes::default();
+    db.exec(&format!(
+        "SET SESSION lock_wait_timeout = {}",
+        options.lock_wait_timeout.max(1)
+    ))?;
+    if options.safe_slave_backup && !replicas.is_empty() {
+        events(Event::Note(
+            "waiting for the replica's temporary tables to close".into(),
+        ));
+        sql_threads.stop_until_no_temp_tables(
+            db,
+            replicas,
+            Duration::from_secs(options.safe_slave_backup_timeout),
+        )?;
+    }
+    for sql in &plan.prepare {
+        timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
+    }
+    for sql in &plan.block_commits {
+        timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
+    }
+    let blocked = Instant::now();
+    let mut sync_err = None;
+    for sql in &plan.sync_engine_log {
+        if let Err(e) = timed(db, sql, &mut lock) {
+            sync_err.get_or_insert(e);
+        }
+    }
+    // The setting raised for the flush is put back even when the flush failed.
+    if let Some(e) = sync_err {
+        if let Some(restore) = plan
+            .sync_engine_log
+            .last()
+            .filter(|s| s.starts_with("SET GLOBAL"))
+        {
+            let _ = db.exec(restore);
+        }
+        return Err(e.into());
+    }
+    let mut coords = Coordinates::default();
+    if !plan.binlog_coordinates.is_empty() {
+        let status = db.rows("SHOW MASTER STATUS")?;
+        let row = status.first().ok_or_else(|| {
+            BackupError::AtValidityPoint("SHOW MASTER STATUS returned no row".into())
+        })?;
+        let get = |k: &str| row.get(k).cloned().flatten().unwrap_or_default();
+        coords.binlog = Some(BinlogPosition {
+            file: get("File"),
+            position: get("Position").parse().unwrap_or(0),
+            gtid: db
+                .value("SELECT @@GLOBAL.gtid_binlog_pos")?
+                .unwrap_or_default(),
+        });
+    }
+    if !plan.replica_coordinates.is_empty() {
+        coords.replication = db
+            .rows("SHOW ALL SLAVES STATUS")?
+            .iter()
+            .map(ReplicaConnection::from_row)
+            .collect();
+        // As they were before safe-slave stopped anything.
+        for c in &mut coords.replication {
+            if let Some(before) = replicas.iter().find(|r| r.name == c.name) {
+                c.sql_running = before.sql_running;
+            }
+        }
+        coords.gtid_slave_pos = db
+            .value("SELECT @@GLOBAL.gtid_slave_pos")?
+            .unwrap_or_default();
+    }
+    session.stop(|r| events(Event::Copy(r)))?;
+    for sql in &plan.release {
+        timed(db, sql, &mut lock)?;
+    }
+    lock.commit_block_ms = blocked.elapsed().as_secs_f64() * 1000.0;
+    Ok((coords, lock))
+}
+
+fn timed(db: &mut Db, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
+    let t = Instant::now();
+    db.exec(sql)?;
+    lock.stages
+        .push((sql.to_string(), t.elapsed().as_secs_f64() * 1000.0));
+    Ok(())
+}
+
+/// A lock-wait timeout, with the statement that held the lock named.
+fn lock_wait(db: &mut Db, sql: &str, options: &BackupOptions, e: DbError) -> BackupError {
+    if e.code() != Some(1205) {
+        return e.into();
+    }
+    let blocker = db
+        .rows(
+            "SELECT ID, USER, TIME, INFO FROM information_schema.PROCESSLIST \
+             WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump') \
+             AND INFO IS NOT NULL ORDER BY TIME DESC LIMIT 1",
+        )
+        .ok()
+        .and_then(|rows| rows.into_iter().next())
+        .map(|r| {
+            let get = |k: &str| r.get(k).cloned().flatten().unwrap_or_default();
+            format!(
+                " behind connection {} of {} running for {}s: {}",
+                get("ID"),
+                get("USER"),
+                get("TIME"),
+                get("INFO")
+            )
+        })
+        .unwrap_or_default();
+    BackupError::LockWait {
+        stage: sql.to_string(),
+        timeout: options.lock_wait_timeout,
+        blocker,
+    }
+}
+
+/// Ends every stage after the stop, or after a failure (then errors are ignored: a
+/// connection that failed releases its locks by closing).
+fn release(db: &mut Db, plan: &Plan, failed: bool) -> Result<(), BackupError> {
+    if !failed {
+        return Ok(()); // `validity_point` already released, timed.
+    }
+    for sql in &plan.release {
+        let _ = db.exec(sql);
+    }
+    Ok(())
+}
+
+/// The replication SQL threads the backup stopped, to be started again.
+#[derive(Default)]
+struct SqlThreads {
+    stopped: Vec<String>,
+}
+
+impl SqlThreads {
+    fn stop(&mut self, db: &mut Db, name: &str) -> Result<(), DbError> {
+        db.exec(&format!("STOP SLAVE {} SQL_THREAD", quote(name)))?;
+        if !self.stopped.iter().any(|n| n == name) {
+            self.stopped.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    fn start_all(&self, db: &mut Db) -> Result<(), DbError> {
+        for name in &self.stopped {
+            db.exec(&format!("START SLAVE {} SQL_THREAD", quote(name)))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every running SQL thread and waits until the replica has no temporary table
+    /// open, letting them run briefly between checks, up to `timeout`.
+    fn stop_until_no_temp_tables(
+        &mut self,
+        db: &mut Db,
+        replicas: &[ReplicaConnection],
+        timeout: Duration,
+    ) -> Result<(), BackupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for r in replicas.iter().filter(|r| r.sql_running) {
+                self.stop(db, &r.name)?;
+            }
+            let open: u64 = db
+                .rows("SHOW GLOBAL STATUS LIKE 'Slave_open_temp_tables'")?
+                .first()
+                .and_then(|r| r.get("Value").cloned().flatten())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if open == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BackupError::Refused(format!(
+                    "the replica still had {open} temporary table(s) open after --safe-slave-backup-timeout ({}s); its SQL threads run again; retry later or raise the timeout",
+                    timeout.as_secs()
+                )));
+            }
+            self.start_all(db)?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Starts again what was stopped (each connection back to its state before).
+    fn restore(&mut self, db: &mut Db) -> Result<(), BackupError> {
+        let result = self.start_all(db);
+        self.stopped.clear();
+        result.map_err(|e| {
+            BackupError::AtValidityPoint(format!(
+                "could not restart a replication SQL thread the backup stopped ({e}); run START SLAVE SQL_THREAD"
+            ))
+        })
+    }
+}
+
+/// `hotbackup-my.cnf`: the settings a server started on the image must have.
+fn my_cnf(facts: &ServerFacts) -> String {
+    let mut out = String::from(
+        "# Written by hotbackup: the settings of the backed-up server that a server\n\
+         # started on this image must keep (restore, point-in-time replay, replicas).\n\
+         [mariadbd]\n",
+    );
+    for (name, value) in &facts.settings {
+        out.push_str(&format!("{name} = {value}\n"));
+    }
+    out
+}
