@@ -252,7 +252,12 @@ fn the_stop_waits_for_a_mirrored_write_in_flight() {
     });
     gate.wait_arrived();
     let fs_handle = rig.fs.clone();
-    let (blocked, stopper) = blocked_for(WAIT, move || fs_handle.stop_capture().unwrap());
+    let (blocked, stopper) = blocked_for(WAIT, move || {
+        fs_handle
+            .stop_capture()
+            .and_then(|stopped| stopped.validity_point())
+            .unwrap()
+    });
     gate.release();
     writer.join().unwrap();
     let vp = stopper.join().unwrap();

@@ -341,6 +341,11 @@ fn validity_point(
     for sql in &plan.prepare {
         timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
     }
+    // Write the engine log once before commits are blocked, so that under the block
+    // only the last few milliseconds of it remain to be written.
+    for sql in &plan.sync_engine_log {
+        timed(db, sql, &mut lock)?;
+    }
     for sql in &plan.block_commits {
         timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
     }
@@ -363,6 +368,7 @@ fn validity_point(
         return Err(e.into());
     }
     let mut coords = Coordinates::default();
+    let reading = Instant::now();
     if !plan.binlog_coordinates.is_empty() {
         let status = db.rows("SHOW MASTER STATUS")?;
         let row = status.first().ok_or_else(|| {
@@ -393,11 +399,18 @@ fn validity_point(
             .value("SELECT @@GLOBAL.gtid_slave_pos")?
             .unwrap_or_default();
     }
+    lock.stages
+        .push(("read coordinates".into(), ms(reading.elapsed())));
+    let stopping = Instant::now();
     session.stop(|r| events(Event::Copy(r)))?;
+    lock.stages.push((
+        "stop capture (the validity point)".into(),
+        ms(stopping.elapsed()),
+    ));
     for sql in &plan.release {
         timed(db, sql, &mut lock)?;
     }
-    lock.commit_block_ms = blocked.elapsed().as_secs_f64() * 1000.0;
+    lock.commit_block_ms = ms(blocked.elapsed());
     Ok((coords, lock))
 }
 
@@ -530,4 +543,8 @@ fn my_cnf(facts: &ServerFacts) -> String {
         out.push_str(&format!("{name} = {value}\n"));
     }
     out
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

@@ -109,11 +109,12 @@ impl Run<'_> {
                 CaptureError::Aborted(r) => Ended::aborted(r),
                 other => plain(&other),
             })?;
-        let vp = loop {
+        let fs = self.fs;
+        let stopped = loop {
             self.until_copied(&session)?;
             match self.next_request()? {
-                Request::Stop => match self.fs.stop_capture() {
-                    Ok(vp) => break vp,
+                Request::Stop => match fs.stop_capture() {
+                    Ok(stopped) => break stopped,
                     Err(CaptureError::NotCopied(files_left)) => {
                         self.reply(&Response::NotCopied { files_left })?
                     }
@@ -123,9 +124,15 @@ impl Run<'_> {
                 other => return Err(self.unexpected(other, "Stop")),
             }
         };
+        // The client learns of the validity point at once (a database coordinator is
+        // holding commits); the image's metadata is read after, the namespace frozen.
         self.reply(&Response::Stopped {
-            validity_point: manifest::rfc3339(vp.at),
-            progress: vp.progress.clone(),
+            validity_point: manifest::rfc3339(stopped.at),
+            progress: stopped.progress.clone(),
+        })?;
+        let vp = stopped.validity_point().map_err(|e| match e {
+            CaptureError::Aborted(r) => Ended::aborted(r),
+            other => plain(&other),
         })?;
         let (kind, database, files) = match self.next_request()? {
             Request::Finish {

@@ -111,7 +111,11 @@ impl Rig {
             match self.fs.stop_capture() {
                 // Late work arrived between the wait and the stop: copy it first.
                 Err(capture::session::CaptureError::NotCopied(_)) => continue,
-                other => break other.expect("stop capture"),
+                other => {
+                    break other
+                        .and_then(|stopped| stopped.validity_point())
+                        .expect("stop capture");
+                }
             }
         };
         vp.apply_metadata(&self.image).expect("apply metadata");

@@ -117,8 +117,49 @@ pub struct PassthroughFs {
     gate: CaptureGate<CaptureSession>,
     /// Serializes starting and stopping sessions.
     capture_ctl: Mutex<()>,
+    /// Namespace operations hold it shared; a stop holds it exclusively from just
+    /// before the validity point until the image's metadata is read, so that no rename
+    /// lends an entry another inode's metadata, without the walk lengthening the stop.
+    ns_freeze: RwLock<()>,
     /// Pause points for race tests.
     pub hooks: Arc<Hooks>,
+}
+
+/// A session stopped at its validity point, with the namespace frozen until
+/// [`Stopped::validity_point`] has read the metadata every image entry gets.
+pub struct Stopped<'a> {
+    session: Arc<CaptureSession>,
+    /// The validity point.
+    pub at: SystemTime,
+    pub progress: crate::session::Progress,
+    _frozen: parking_lot::RwLockWriteGuard<'a, ()>,
+    _ctl: parking_lot::MutexGuard<'a, ()>,
+}
+
+impl std::fmt::Debug for Stopped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopped")
+            .field("at", &self.at)
+            .field("progress", &self.progress)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stopped<'_> {
+    /// Reads the source metadata of every image entry (the namespace is as it was at the
+    /// validity point: namespace operations wait until this returns) and ends the stop.
+    pub fn validity_point(self) -> Result<ValidityPoint, CaptureError> {
+        self.session.close_image_files();
+        let entries = self
+            .session
+            .collect_metadata()
+            .map_err(CaptureError::Aborted)?;
+        Ok(ValidityPoint {
+            at: self.at,
+            progress: self.progress,
+            entries,
+        })
+    }
 }
 
 /// A namespace operation's way in: the session's namespace lock (taken first, so that a
@@ -126,6 +167,7 @@ pub struct PassthroughFs {
 struct NamespacePass<'a> {
     pass: Pass<'a, CaptureSession>,
     _ns: Option<NamespaceGuard>,
+    _unfrozen: parking_lot::RwLockReadGuard<'a, ()>,
 }
 
 impl NamespacePass<'_> {
@@ -178,6 +220,7 @@ impl PassthroughFs {
             ttl: Duration::from_secs(1),
             gate: CaptureGate::new(),
             capture_ctl: Mutex::new(()),
+            ns_freeze: RwLock::new(()),
             hooks: Arc::new(Hooks::default()),
         })
     }
@@ -237,34 +280,36 @@ impl PassthroughFs {
     /// Stops the session at this instant (the validity point): once this returns every
     /// mirrored write has landed in the image and no later one will. Refused with
     /// `NotCopied` while any copy work is pending (the session keeps running: wait for
-    /// the copy phase again and retry); an aborted session is ended.
-    pub fn stop_capture(&self) -> Result<ValidityPoint, CaptureError> {
-        let _ctl = self.capture_ctl.lock();
+    /// the copy phase again and retry); an aborted session is ended. The namespace stays
+    /// frozen until the returned `Stopped` has read the image's metadata.
+    pub fn stop_capture(&self) -> Result<Stopped<'_>, CaptureError> {
+        let ctl = self.capture_ctl.lock();
         let session = self.gate.peek().ok_or(CaptureError::NoSession)?;
+        let frozen = self.ns_freeze.write();
         let ns = session.namespace();
         // Under the namespace lock no late work can arrive: what is pending now is all.
         if let Some(reason) = session.error() {
-            drop(ns);
+            drop((ns, frozen));
             self.end_session(&session);
             return Err(CaptureError::Aborted(reason));
         }
         if !session.is_copied() {
             return Err(CaptureError::NotCopied(session.files_pending()));
         }
-        let entries = match session.collect_metadata() {
-            Ok(entries) => entries,
-            Err(reason) => {
-                session.abort(reason.clone());
-                drop(ns);
-                self.end_session(&session);
-                return Err(CaptureError::Aborted(reason));
-            }
-        };
         self.gate.switch(None);
-        let vp = session.mark_stopped(entries);
+        let stopped = session.mark_stopped();
         drop(ns);
         session.join_copiers();
-        vp
+        match stopped {
+            Ok((at, progress)) => Ok(Stopped {
+                session,
+                at,
+                progress,
+                _frozen: frozen,
+                _ctl: ctl,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Ends the session without a validity point (the client went away, or a failure).
@@ -284,6 +329,7 @@ impl PassthroughFs {
     }
 
     fn enter_namespace(&self) -> NamespacePass<'_> {
+        let unfrozen = self.ns_freeze.read();
         loop {
             let peeked = self.gate.peek();
             let ns = peeked.as_ref().map(|s| s.namespace());
@@ -294,7 +340,11 @@ impl PassthroughFs {
                 (None, Some(_)) => false,
             };
             if locked_right {
-                return NamespacePass { pass, _ns: ns };
+                return NamespacePass {
+                    pass,
+                    _ns: ns,
+                    _unfrozen: unfrozen,
+                };
             }
         }
     }

@@ -94,10 +94,9 @@ fn apply_meta(path: &Path, meta: &EntryMeta) -> io::Result<()> {
 }
 
 impl CaptureSession {
-    /// Reads the metadata of every image entry from its source entry. Call under the
-    /// namespace lock with the session still installed: no rename can move another
-    /// inode under a name while this reads it (once the session is switched off,
-    /// namespace operations no longer wait for the lock).
+    /// Reads the metadata of every image entry from its source entry. Call with the
+    /// namespace frozen (`PassthroughFs::stop_capture`): no rename can move another inode
+    /// under a name while this reads it.
     pub(crate) fn collect_metadata(&self) -> Result<Vec<EntryMeta>, AbortReason> {
         self.hooks.fire("stop.metadata", 0);
         let mut entries = Vec::new();
@@ -128,12 +127,10 @@ impl CaptureSession {
     }
 
     /// Marks the validity point: the caller has switched the gate away under the
-    /// namespace lock, so every mirrored write has landed and no more will. `entries`
-    /// come from `collect_metadata`, read just before.
-    pub(crate) fn mark_stopped(
-        &self,
-        entries: Vec<EntryMeta>,
-    ) -> Result<ValidityPoint, CaptureError> {
+    /// namespace lock, so every mirrored write has landed and no more will. Returns the
+    /// instant and the progress then; the image files are closed and the metadata read
+    /// afterwards, with the namespace still frozen.
+    pub(crate) fn mark_stopped(&self) -> Result<(SystemTime, Progress), CaptureError> {
         let at = SystemTime::now();
         {
             // Under the queue lock so that no copier misses the wake-up.
@@ -145,15 +142,15 @@ impl CaptureSession {
             self.work_ready.notify_all();
             self.idle.notify_all();
         }
-        // Close the image files: the image is final.
+        Ok((at, self.progress()))
+    }
+
+    /// Closes the image files (the image is final). Not at the validity point itself:
+    /// closing thousands of files can take milliseconds that commits would wait for.
+    pub(crate) fn close_image_files(&self) {
         for fc in self.files.read().values() {
             fc.dest.lock().take();
         }
         self.open_image_files.store(0, Relaxed);
-        Ok(ValidityPoint {
-            at,
-            progress: self.progress(),
-            entries,
-        })
     }
 }
