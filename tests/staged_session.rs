@@ -38,16 +38,6 @@ fn incomplete_reason(target: &std::path::Path) -> String {
     fs::read_to_string(target.join("INCOMPLETE")).expect("the target must stay marked incomplete")
 }
 
-fn no_session(agent: &Agent) {
-    for _ in 0..100 {
-        if agent.status()["session"].is_null() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the agent still has a session: {}", agent.status());
-}
-
 #[test]
 fn a_staged_session_stops_where_told_and_finishes_with_the_clients_files() {
     let agent = Agent::start();
@@ -103,7 +93,7 @@ fn a_staged_session_stops_where_told_and_finishes_with_the_clients_files() {
     assert_eq!(manifest["kind"], "backup");
     assert_eq!(manifest["database"]["server"], "test");
     assert!(!target.join("INCOMPLETE").exists());
-    no_session(&agent);
+    agent.wait_no_session();
 }
 
 #[test]
@@ -113,7 +103,7 @@ fn a_client_gone_before_the_stop_aborts_the_session_and_the_next_one_works() {
     let target = agent.dir.path().join("t1");
     let (client, _) = begin(&agent, &target, &[]);
     drop(client);
-    no_session(&agent);
+    agent.wait_no_session();
     assert!(incomplete_reason(&target).contains("client went away"));
     // The agent and mount serve on, and a new session works.
     fs::write(agent.mnt("g"), b"still serving").unwrap();
@@ -133,7 +123,7 @@ fn cancel_ends_the_session_with_the_reason_recorded() {
     let target = agent.dir.path().join("t");
     let (client, _) = begin(&agent, &target, &[]);
     client.cancel("the lock wait timed out");
-    no_session(&agent);
+    agent.wait_no_session();
     let reason = incomplete_reason(&target);
     assert!(
         reason.contains("cancelled: the lock wait timed out"),

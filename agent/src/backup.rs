@@ -338,6 +338,7 @@ fn validity_point(
             Duration::from_secs(options.safe_slave_backup_timeout),
         )?;
     }
+    pause_point("copied");
     for sql in &plan.prepare {
         timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
     }
@@ -350,6 +351,7 @@ fn validity_point(
         timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
     }
     let blocked = Instant::now();
+    pause_point("block_commit");
     let mut sync_err = None;
     for sql in &plan.sync_engine_log {
         if let Err(e) = timed(db, sql, &mut lock) {
@@ -547,4 +549,14 @@ fn my_cnf(facts: &ServerFacts) -> String {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// Fault injection for the tests: with `HOTBACKUP_TEST_PAUSE_AT=<point>` in the
+/// environment the coordinator announces the point on stderr and waits there (for a
+/// test to kill it). Points: `copied` (before any lock), `block_commit` (commits blocked).
+fn pause_point(point: &str) {
+    if std::env::var("HOTBACKUP_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
+        eprintln!("hotbackup: paused at {point}");
+        std::thread::sleep(Duration::from_secs(120));
+    }
 }

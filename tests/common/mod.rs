@@ -131,6 +131,17 @@ impl Agent {
     }
 
     /// The agent's pid.
+    /// Waits (up to 5 s) until the agent has no backup session; panics otherwise.
+    pub fn wait_no_session(&self) {
+        for _ in 0..100 {
+            if self.status()["session"].is_null() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the agent still has a session: {}", self.status());
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("agent running").id()
     }
