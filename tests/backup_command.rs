@@ -6,31 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::mariadb::{LOAD_SCHEMA, LoadOptions, MariaDb, ServerUser, WriteLoad};
 use common::replication::{add_replication_user, checksums, start_replica, wait_caught_up};
-use common::{Agent, hotbackup};
-
-/// Runs `hotbackup backup` as root over the server's socket.
-fn backup(db: &MariaDb, target: &Path, extra: &[&str]) -> Output {
-    let history = target.with_extension("history.jsonl");
-    let mut args = vec![
-        "backup".to_string(),
-        "--no-defaults".into(),
-        format!("--socket={}", db.socket().display()),
-        "--user=root".into(),
-        format!("--target-dir={}", target.display()),
-        "--progress=none".into(),
-        format!("--history-file={}", history.display()),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    hotbackup(&args)
-}
+use common::{Agent, backup};
 
 /// DDL in a loop on its own schema while the copy runs: create, fill, rebuild by copy,
 /// rename, drop.

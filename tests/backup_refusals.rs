@@ -6,34 +6,11 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mariadb::{MariaDb, ServerUser};
-use common::{Agent, hotbackup, hotbackup_bin};
-
-fn args(db_socket: &Path, target: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "backup".to_string(),
-        "--no-defaults".into(),
-        format!("--socket={}", db_socket.display()),
-        "--user=root".into(),
-        format!("--target-dir={}", target.display()),
-        "--progress=none".into(),
-        format!(
-            "--history-file={}",
-            target.with_extension("history").display()
-        ),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
-}
-
-fn backup(db: &MariaDb, target: &Path, extra: &[&str]) -> Output {
-    let a = args(db.socket(), target, extra);
-    hotbackup(&a.iter().map(String::as_str).collect::<Vec<_>>())
-}
+use common::{Agent, backup, backup_args, hotbackup, hotbackup_bin};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -147,7 +124,7 @@ fn bad_input_gets_one_sentence_and_changes_nothing() {
     let t = |name: &str| agent.dir.path().join(name);
     // The server is down (a socket nobody listens on).
     let gone = agent.dir.path().join("nobody.sock");
-    let a = args(&gone, &t("down"), &[]);
+    let a = backup_args(&gone, &t("down"), &[]);
     let out = hotbackup(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -161,7 +138,7 @@ fn bad_input_gets_one_sentence_and_changes_nothing() {
         "DELETE FROM mysql.global_priv WHERE User = ''; FLUSH PRIVILEGES; \
          CREATE USER 'weak'@'localhost' IDENTIFIED BY 'pw'; GRANT SELECT ON *.* TO 'weak'@'localhost';",
     );
-    let mut a = args(db.socket(), &t("pw"), &[]);
+    let mut a = backup_args(db.socket(), &t("pw"), &[]);
     a[3] = "--user=weak".into();
     a.push("--password=wrong".into());
     let out = hotbackup(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -171,7 +148,7 @@ fn bad_input_gets_one_sentence_and_changes_nothing() {
         "{}",
         stderr(&out)
     );
-    let mut a = args(db.socket(), &t("priv"), &[]);
+    let mut a = backup_args(db.socket(), &t("priv"), &[]);
     a[3] = "--user=weak".into();
     let out = Command::new(hotbackup_bin())
         .args(&a)
@@ -276,7 +253,7 @@ fn kill_client_at(point: &str) {
     commits_flow(&db);
     let target = agent.dir.path().join("killed");
     let mut child = Command::new(hotbackup_bin())
-        .args(args(db.socket(), &target, &[]))
+        .args(backup_args(db.socket(), &target, &[]))
         .env("HOTBACKUP_TEST_PAUSE_AT", point)
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
@@ -311,7 +288,7 @@ fn a_second_backup_is_refused_while_one_runs() {
     let db = server_on_mount(&agent, &[]);
     let target = agent.dir.path().join("first");
     let mut first = Command::new(hotbackup_bin())
-        .args(args(db.socket(), &target, &[]))
+        .args(backup_args(db.socket(), &target, &[]))
         .env("HOTBACKUP_TEST_PAUSE_AT", "copied")
         .stdin(Stdio::null())
         .stderr(Stdio::piped())

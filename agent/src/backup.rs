@@ -328,7 +328,13 @@ fn validity_point(
         "SET SESSION lock_wait_timeout = {}",
         options.lock_wait_timeout.max(1)
     ))?;
-    if options.safe_slave_backup && !replicas.is_empty() {
+    if options.safe_slave_backup && !replicas.iter().any(|r| r.sql_running) {
+        if !replicas.is_empty() {
+            events(Event::Note(
+                "--safe-slave-backup: no replication SQL thread runs, so no temporary table can close; not waiting".into(),
+            ));
+        }
+    } else if options.safe_slave_backup {
         events(Event::Note(
             "waiting for the replica's temporary tables to close".into(),
         ));

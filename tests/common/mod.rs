@@ -201,3 +201,28 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
     }
     child.wait_with_output().expect("wait child")
 }
+
+/// `hotbackup backup` arguments for the server on `socket` as root (no option files),
+/// into `target`, with a history file beside it.
+pub fn backup_args(socket: &Path, target: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "backup".to_string(),
+        "--no-defaults".into(),
+        format!("--socket={}", socket.display()),
+        "--user=root".into(),
+        format!("--target-dir={}", target.display()),
+        "--progress=none".into(),
+        format!(
+            "--history-file={}",
+            target.with_extension("history.jsonl").display()
+        ),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Runs `hotbackup backup` of `db` into `target` (see [`backup_args`]).
+pub fn backup(db: &mariadb::MariaDb, target: &Path, extra: &[&str]) -> Output {
+    let a = backup_args(db.socket(), target, extra);
+    hotbackup(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
