@@ -102,8 +102,28 @@ fn a_server_without_a_binlog_gets_no_coordinates() {
     let mut db = MariaDb::init(&agent.mountpoint, ServerUser::Root);
     db.start();
     let target = agent.dir.path().join("nobinlog");
-    let out = backup(&db, &target, &[]);
+    let cnf = agent.dir.path().join("my.cnf");
+    std::fs::write(&cnf, "[mariadbd]\ninnodb_buffer_pool_size = 64M\n").unwrap();
+    let auto = agent.dir.path().join("auto.cnf");
+    std::fs::write(&auto, "[auto]\nserver-uuid=x\n").unwrap();
+    let refused = backup(
+        &db,
+        &target,
+        &[&format!("--copy-config={}", auto.display())],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("auto.cnf holds the server's server_uuid"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(!target.exists());
+    let out = backup(&db, &target, &[&format!("--copy-config={}", cnf.display())]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(target.join("hotbackup-config-my.cnf")).unwrap(),
+        "[mariadbd]\ninnodb_buffer_pool_size = 64M\n"
+    );
     assert!(!target.join("hotbackup_binlog_info").exists());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("no binlog"),

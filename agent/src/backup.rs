@@ -38,6 +38,11 @@ pub struct BackupOptions {
     /// Seconds to wait for the replica's temporary tables to close.
     #[arg(long, default_value_t = 300, value_name = "S")]
     pub safe_slave_backup_timeout: u64,
+    /// Also keep a copy of these option files of the server in the target (as
+    /// `hotbackup-config-<name>`); MySQL's `auto.cnf` is refused: a server started on
+    /// the image must get its own server_uuid.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub copy_config: Vec<PathBuf>,
     /// Where the backup history goes (one JSON line per state change).
     #[arg(long, value_name = "PATH", default_value = crate::history::DEFAULT_FILE)]
     pub history_file: PathBuf,
@@ -51,6 +56,7 @@ impl Default for BackupOptions {
             lock_wait_timeout: 60,
             safe_slave_backup: false,
             safe_slave_backup_timeout: 300,
+            copy_config: Vec::new(),
             history_file: PathBuf::from(crate::history::DEFAULT_FILE),
         }
     }
@@ -141,6 +147,7 @@ pub fn run(
         .session()
         .map_err(|e| BackupError::Refused(e.to_string()))?;
     // ----- preflight: nothing is created before all of this passes -----------------
+    let configs = read_configs(&options.copy_config)?;
     let mut db = Db::connect(conn)?;
     let facts = ServerFacts::read(&mut db)?;
     if facts.flavor != Flavor::MariaDb {
@@ -260,6 +267,7 @@ pub fn run(
         name: "hotbackup-my.cnf".into(),
         contents: my_cnf(&facts),
     }];
+    files.extend(configs);
     if let Some(b) = &coords.binlog {
         files.push(ExtraFile {
             name: "hotbackup_binlog_info".into(),
@@ -565,4 +573,36 @@ fn pause_point(point: &str) {
         eprintln!("hotbackup: paused at {point}");
         std::thread::sleep(Duration::from_secs(120));
     }
+}
+
+/// The option files `--copy-config` names, read before anything else happens.
+fn read_configs(paths: &[PathBuf]) -> Result<Vec<ExtraFile>, BackupError> {
+    let mut out: Vec<ExtraFile> = Vec::new();
+    for path in paths {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name == "auto.cnf" {
+            return Err(BackupError::Refused(format!(
+                "--copy-config {}: auto.cnf holds the server's server_uuid, which a server started on the image must not share; leave it out",
+                path.display()
+            )));
+        }
+        let contents = std::fs::read_to_string(path).map_err(|e| {
+            BackupError::Refused(format!(
+                "--copy-config {}: {e}; name an option file the backup can read",
+                path.display()
+            ))
+        })?;
+        let name = format!("hotbackup-config-{name}");
+        if out.iter().any(|f| f.name == name) {
+            return Err(BackupError::Refused(format!(
+                "--copy-config names two files called {:?}; copy them under different names",
+                path.file_name().unwrap_or_default()
+            )));
+        }
+        out.push(ExtraFile { name, contents });
+    }
+    Ok(out)
 }
