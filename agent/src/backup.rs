@@ -156,13 +156,12 @@ pub fn run(
             facts.flavor, facts.version
         )));
     }
-    let replicas = match db.rows("SHOW ALL SLAVES STATUS") {
+    let replicas: Vec<ReplicaConnection> = match db.rows("SHOW ALL SLAVES STATUS") {
         Ok(rows) => rows.iter().map(ReplicaConnection::from_row).collect(),
         // Without the privilege the check below names it.
         Err(DbError::Query { code: 1227, .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let replicas: Vec<ReplicaConnection> = replicas;
     let is_replica = !replicas.is_empty();
     let grants: Vec<String> = db
         .rows("SHOW GRANTS FOR CURRENT_USER()")?
@@ -244,11 +243,13 @@ pub fn run(
     );
     // Whatever happened: no lock stays (END, or the connection closes), and every SQL
     // thread we stopped runs again.
-    let released = release(&mut db, &plan, outcome.is_err());
+    if outcome.is_err() {
+        release_after_failure(&mut db, &plan);
+    }
     let restarted = sql_threads.restore(&mut db);
-    let (coords, lock) = match (outcome, released, restarted) {
-        (Ok(v), Ok(()), Ok(())) => v,
-        (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => {
+    let (coords, lock) = match outcome.and_then(|v| restarted.map(|()| v)) {
+        Ok(v) => v,
+        Err(e) => {
             session.cancel(&e.to_string());
             history.record(
                 if matches!(e, BackupError::Agent(ClientError::Agent { .. })) {
@@ -358,31 +359,13 @@ fn validity_point(
     }
     // Write the engine log once before commits are blocked, so that under the block
     // only the last few milliseconds of it remain to be written.
-    for sql in &plan.sync_engine_log {
-        timed(db, sql, &mut lock)?;
-    }
+    sync_engine_log(db, plan, &mut lock)?;
     for sql in &plan.block_commits {
         timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
     }
     let blocked = Instant::now();
     pause_point("block_commit");
-    let mut sync_err = None;
-    for sql in &plan.sync_engine_log {
-        if let Err(e) = timed(db, sql, &mut lock) {
-            sync_err.get_or_insert(e);
-        }
-    }
-    // The setting raised for the flush is put back even when the flush failed.
-    if let Some(e) = sync_err {
-        if let Some(restore) = plan
-            .sync_engine_log
-            .last()
-            .filter(|s| s.starts_with("SET GLOBAL"))
-        {
-            let _ = db.exec(restore);
-        }
-        return Err(e.into());
-    }
+    sync_engine_log(db, plan, &mut lock)?;
     let mut coords = Coordinates::default();
     let reading = Instant::now();
     if !plan.binlog_coordinates.is_empty() {
@@ -430,6 +413,24 @@ fn validity_point(
     Ok((coords, lock))
 }
 
+/// Runs the plan's engine-log write. When its last statement puts back a setting the
+/// first one raised (`SET GLOBAL`), that one runs even if a statement before it failed:
+/// the server never keeps the raised setting.
+fn sync_engine_log(db: &mut Db, plan: &Plan, lock: &mut LockTimes) -> Result<(), DbError> {
+    let steps = plan.sync_engine_log.as_slice();
+    let (body, restore) = match steps.split_last() {
+        Some((last, rest)) if !rest.is_empty() && last.starts_with("SET GLOBAL") => {
+            (rest, Some(last))
+        }
+        _ => (steps, None),
+    };
+    let result = body.iter().try_for_each(|sql| timed(db, sql, lock));
+    match restore {
+        Some(sql) => result.and(timed(db, sql, lock)),
+        None => result,
+    }
+}
+
 fn timed(db: &mut Db, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
     let t = Instant::now();
     db.exec(sql)?;
@@ -469,16 +470,13 @@ fn lock_wait(db: &mut Db, sql: &str, options: &BackupOptions, e: DbError) -> Bac
     }
 }
 
-/// Ends every stage after the stop, or after a failure (then errors are ignored: a
-/// connection that failed releases its locks by closing).
-fn release(db: &mut Db, plan: &Plan, failed: bool) -> Result<(), BackupError> {
-    if !failed {
-        return Ok(()); // `validity_point` already released, timed.
-    }
+/// Ends every stage after a failure (a success released them, timed, in
+/// `validity_point`). Errors are ignored: a connection that failed releases its locks
+/// by closing.
+fn release_after_failure(db: &mut Db, plan: &Plan) {
     for sql in &plan.release {
         let _ = db.exec(sql);
     }
-    Ok(())
 }
 
 /// The replication SQL threads the backup stopped, to be started again.
