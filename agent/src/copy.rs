@@ -7,11 +7,12 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use capture::session::{CaptureError, ValidityPoint};
+use capture::session::ValidityPoint;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Totals};
 
+/// Why a target cannot take a backup.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
     #[error(
@@ -26,12 +27,6 @@ pub enum CopyError {
     TargetInside { target: PathBuf, inside: PathBuf },
     #[error("cannot prepare target {target}: {error}")]
     Target { target: PathBuf, error: io::Error },
-    #[error(transparent)]
-    Capture(#[from] CaptureError),
-    #[error("the client went away; the session was aborted and {0} is marked incomplete")]
-    ClientGone(PathBuf),
-    #[error("finishing the image in {target} failed: {error}; it is marked incomplete")]
-    Finish { target: PathBuf, error: io::Error },
 }
 
 /// How far the finishing pass (checksums and fsync) is; shared with the thread that
