@@ -21,10 +21,8 @@ fn ddl_churn(db: &MariaDb, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u32
     std::thread::spawn(move || {
         let mut rounds = 0;
         let run = |sql: &str| {
-            let out = std::process::Command::new(common::mariadb::find_program("mariadb"))
-                .arg("--no-defaults")
-                .arg(format!("--socket={}", socket.display()))
-                .args(["--user=root", "-N", "-B", "-e", sql])
+            let out = common::mariadb::client_for(&socket)
+                .args(["-N", "-B", "-e", sql])
                 .output()
                 .expect("run mariadb");
             assert!(
@@ -68,14 +66,8 @@ fn slow_myisam_writes(db: &MariaDb, stop: Arc<AtomicBool>) -> std::thread::JoinH
     std::thread::spawn(move || {
         let mut n = 0;
         while !stop.load(Ordering::SeqCst) {
-            let out = std::process::Command::new(common::mariadb::find_program("mariadb"))
-                .arg("--no-defaults")
-                .arg(format!("--socket={}", socket.display()))
-                .args([
-                    "--user=root",
-                    "-e",
-                    "INSERT INTO hb_slow.t (slept) SELECT SLEEP(0.3)",
-                ])
+            let out = common::mariadb::client_for(&socket)
+                .args(["-e", "INSERT INTO hb_slow.t (slept) SELECT SLEEP(0.3)"])
                 .output()
                 .expect("run mariadb");
             assert!(
@@ -103,10 +95,7 @@ fn innodb_autocommits(db: &MariaDb) -> std::thread::JoinHandle<()> {
     let socket = db.socket().to_path_buf();
     std::thread::spawn(move || {
         use std::io::Write;
-        let mut child = std::process::Command::new(common::mariadb::find_program("mariadb"))
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", socket.display()))
-            .arg("--user=root")
+        let mut child = common::mariadb::client_for(&socket)
             .stdin(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

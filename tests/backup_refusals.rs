@@ -230,14 +230,8 @@ fn a_lock_wait_timeout_names_the_blocker_and_leaves_nothing_locked() {
     // A MyISAM insert that runs for 20 s: BLOCK_DDL must wait for it.
     let socket = db.socket().to_path_buf();
     let slow = std::thread::spawn(move || {
-        Command::new(common::mariadb::find_program("mariadb"))
-            .arg("--no-defaults")
-            .arg(format!("--socket={}", socket.display()))
-            .args([
-                "--user=root",
-                "-e",
-                "INSERT INTO hb_t.m (id) SELECT 1000 + SLEEP(20)",
-            ])
+        common::mariadb::client_for(&socket)
+            .args(["-e", "INSERT INTO hb_t.m (id) SELECT 1000 + SLEEP(20)"])
             .output()
             .unwrap()
     });

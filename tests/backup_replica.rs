@@ -6,10 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use common::mariadb::{MariaDb, ServerUser, find_program};
+use common::mariadb::{MariaDb, ServerUser};
 use common::replication::{
     REPL_PASSWORD, REPL_USER, add_replication_user, checksums, start_replica, wait_caught_up,
 };
@@ -18,11 +18,8 @@ use common::{Agent, backup};
 /// A session on `db` that holds a temporary table for `secs` seconds, then ends (under
 /// statement replication the replica's SQL thread holds it as long).
 fn hold_temp_table(db: &MariaDb, secs: u32) -> Child {
-    Command::new(find_program("mariadb"))
-        .arg("--no-defaults")
-        .arg(format!("--socket={}", db.socket().display()))
+    db.client()
         .args([
-            "--user=root",
             "-e",
             &format!(
                 "CREATE TEMPORARY TABLE hb_r.tmp (id INT) ENGINE=InnoDB; \

@@ -65,6 +65,16 @@ pub fn find_program(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("`{name}` not found; install mariadb-server and mariadb-client"))
 }
 
+/// `mariadb` client connected as root over `socket` (no option files), for threads that
+/// hold only the socket path.
+pub fn client_for(socket: &Path) -> Command {
+    let mut cmd = Command::new(find_program("mariadb"));
+    cmd.arg("--no-defaults")
+        .arg(format!("--socket={}", socket.display()))
+        .arg("--user=root");
+    cmd
+}
+
 /// One server: a datadir plus the private run directory holding its socket, pid file,
 /// error logs and tmpdir. The server itself may be stopped and started again.
 pub struct MariaDb {
@@ -364,11 +374,7 @@ impl MariaDb {
 
     /// `mariadb` client connected as root over the server's socket (no option files).
     pub fn client(&self) -> Command {
-        let mut cmd = Command::new(find_program("mariadb"));
-        cmd.arg("--no-defaults")
-            .arg(format!("--socket={}", self.socket.display()))
-            .arg("--user=root");
-        cmd
+        client_for(&self.socket)
     }
 
     fn admin(&self) -> Command {
