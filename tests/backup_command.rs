@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::mariadb::{LOAD_SCHEMA, LoadOptions, MariaDb, ServerUser, WriteLoad};
+use common::load::{LOAD_SCHEMA, LoadOptions, WriteLoad};
+use common::mariadb::{MariaDb, ServerUser};
 use common::replication::{add_replication_user, checksums, start_replica, wait_caught_up};
 use common::{Agent, backup};
 

@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mariadb::{LoadOptions, MariaDb, ServerUser, WriteLoad};
+use common::load::{LoadOptions, WriteLoad};
+use common::mariadb::{MariaDb, ServerUser};
 use common::{Agent, hotbackup, hotbackup_bin, is_mounted};
 
 fn copy(agent: &Agent, target: &Path, extra: &[&str]) -> std::process::Output {
@@ -344,7 +345,7 @@ fn a_copy_of_mariadb_under_load_recovers_like_after_a_crash() {
     );
     report.assert_innodb_prefix(&restored, &floors, false);
     for table in ["innodb_rows", "innodb_progress"] {
-        let verdict = restored.check_table(common::mariadb::LOAD_SCHEMA, table);
+        let verdict = restored.check_table(common::load::LOAD_SCHEMA, table);
         assert!(verdict.is_ok(), "CHECK TABLE {table}: {verdict:?}");
     }
     restored.shutdown();

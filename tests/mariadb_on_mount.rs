@@ -10,9 +10,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::Agent;
-use common::mariadb::{
-    LOAD_SCHEMA, LoadOptions, LoadReport, MariaDb, ServerUser, TableState, WriteLoad, foreign_owned,
-};
+use common::load::{LOAD_SCHEMA, LoadOptions, LoadReport, WriteLoad};
+use common::mariadb::{MariaDb, ServerUser, TableState, foreign_owned};
 
 /// How long the write load runs before a clean shutdown.
 const LOAD_TIME: Duration = Duration::from_secs(8);

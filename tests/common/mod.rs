@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod io;
+pub mod load;
 pub mod mariadb;
 pub mod replication;
 
