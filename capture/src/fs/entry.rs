@@ -26,22 +26,10 @@ impl PassthroughFs {
         rdev: u32,
         caller: Caller,
     ) -> FsResult<FileAttr> {
-        let ns = self.enter_namespace();
-        let parent = self.inode(parent)?;
-        let name = cstr(name)?;
-        {
-            let _creds = FsCredentials::assume(caller.uid, caller.gid);
+        self.make_entry(parent, name, caller, |dir, name| {
             // SAFETY: `name` is NUL-terminated; the parent fd is valid.
-            cvt(unsafe {
-                libc::mknodat(
-                    parent.fd().as_raw_fd(),
-                    name.as_ptr(),
-                    mode,
-                    rdev as libc::dev_t,
-                )
-            })?;
-        }
-        self.created(&ns, &parent, &name)
+            unsafe { libc::mknodat(dir, name.as_ptr(), mode, rdev as libc::dev_t) }
+        })
     }
 
     pub fn mkdir(
@@ -51,15 +39,10 @@ impl PassthroughFs {
         mode: u32,
         caller: Caller,
     ) -> FsResult<FileAttr> {
-        let ns = self.enter_namespace();
-        let parent = self.inode(parent)?;
-        let name = cstr(name)?;
-        {
-            let _creds = FsCredentials::assume(caller.uid, caller.gid);
+        self.make_entry(parent, name, caller, |dir, name| {
             // SAFETY: `name` is NUL-terminated; the parent fd is valid.
-            cvt(unsafe { libc::mkdirat(parent.fd().as_raw_fd(), name.as_ptr(), mode) })?;
-        }
-        self.created(&ns, &parent, &name)
+            unsafe { libc::mkdirat(dir, name.as_ptr(), mode) }
+        })
     }
 
     pub fn symlink(
@@ -69,16 +52,29 @@ impl PassthroughFs {
         target: &Path,
         caller: Caller,
     ) -> FsResult<FileAttr> {
+        let target = cstr(target.as_os_str())?;
+        self.make_entry(parent, name, caller, |dir, name| {
+            // SAFETY: both strings are NUL-terminated; the parent fd is valid.
+            unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) }
+        })
+    }
+
+    /// Creates `name` in `parent` with `make` (a syscall on the parent's fd, run with the
+    /// caller's fs credentials so the entry gets their ownership) and mirrors it into a
+    /// running session.
+    fn make_entry(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        caller: Caller,
+        make: impl FnOnce(i32, &CStr) -> libc::c_int,
+    ) -> FsResult<FileAttr> {
         let ns = self.enter_namespace();
         let parent = self.inode(parent)?;
         let name = cstr(name)?;
-        let target = cstr(target.as_os_str())?;
         {
             let _creds = FsCredentials::assume(caller.uid, caller.gid);
-            // SAFETY: both strings are NUL-terminated; the parent fd is valid.
-            cvt(unsafe {
-                libc::symlinkat(target.as_ptr(), parent.fd().as_raw_fd(), name.as_ptr())
-            })?;
+            cvt(make(parent.fd().as_raw_fd(), &name))?;
         }
         self.created(&ns, &parent, &name)
     }
