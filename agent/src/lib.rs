@@ -8,8 +8,10 @@ pub mod copy;
 pub mod daemon;
 pub mod db;
 pub mod history;
+pub mod image;
 pub mod manifest;
 pub mod options;
+pub mod restore;
 pub mod staged;
 
 /// What the command line shows of a session, without reaching into the capture crate.

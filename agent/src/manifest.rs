@@ -31,6 +31,17 @@ pub struct Manifest {
     pub database: serde_json::Value,
     pub totals: Totals,
     pub files: Vec<ManifestEntry>,
+    /// The files next to `data/` that the client added (coordinates, settings), with
+    /// their checksums, so that `verify` covers them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub side_files: Vec<SideFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SideFile {
+    pub name: String,
+    pub size: u64,
+    pub blake3: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

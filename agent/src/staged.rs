@@ -15,7 +15,7 @@ use capture::session::{AbortReason, CaptureError, Phase, SessionOptions, Validit
 
 use crate::control::{ExtraFile, Report, Request, Response};
 use crate::copy::{self, CopySummary, FinishCounters};
-use crate::manifest::{self, Manifest, Source, Totals};
+use crate::manifest::{self, Manifest, SideFile, Source, Totals};
 
 const TICK: Duration = Duration::from_millis(250);
 
@@ -186,6 +186,7 @@ impl Run<'_> {
             ),
             abort: None,
         };
+        let mut side_files = Vec::new();
         for extra in files {
             let name = Path::new(&extra.name);
             let plain_name = name.components().count() == 1
@@ -200,7 +201,16 @@ impl Run<'_> {
                     extra.name
                 ))));
             }
-            copy::write_private(target.join(name), &extra.contents).map_err(failed)?;
+            let path = target.join(name);
+            copy::write_private(&path, &extra.contents).map_err(failed)?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(failed)?;
+            side_files.push(SideFile {
+                name: extra.name.clone(),
+                size: extra.contents.len() as u64,
+                blake3: blake3::hash(extra.contents.as_bytes()).to_hex().to_string(),
+            });
         }
         let counters = FinishCounters::default();
         let stream = self.stream;
@@ -254,6 +264,7 @@ impl Run<'_> {
                 ..totals
             },
             files: entries,
+            side_files,
         };
         copy::write_manifest(target, &manifest).map_err(failed)?;
         Ok(CopySummary {

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use render::bytes;
 
+mod image_cmds;
 mod render;
 
 #[derive(Parser)]
@@ -80,6 +81,34 @@ enum Command {
         #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
         progress: render::ProgressMode,
     },
+    /// Recompute every checksum of a backup and name each changed, missing or extra
+    /// file. Exit code 0: good; 1: damaged; 2: cannot check (not a finished backup).
+    Verify {
+        /// The backup directory.
+        dir: PathBuf,
+        /// Threads reading the image.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a backup: state, size, times, server, binlog and replica coordinates,
+    /// lock time. Exit code 0: a complete backup; 1: incomplete or unreadable.
+    Info {
+        /// The backup directory.
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a backup back as a server's files (verified first), optionally rolled
+    /// forward to a GTID or a time from the binlogs (point-in-time recovery).
+    Restore {
+        /// The backup directory.
+        dir: PathBuf,
+        #[command(flatten)]
+        options: agent::restore::RestoreOptions,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -114,6 +143,16 @@ impl AgentArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The commands with exit codes of their own.
+    match &cli.command {
+        Command::Verify {
+            dir,
+            parallel,
+            json,
+        } => return image_cmds::verify(dir, (*parallel).max(1), *json),
+        Command::Info { dir, json } => return image_cmds::info(dir, *json),
+        _ => {}
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -255,6 +294,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", render::backup_summary(&summary?, json));
             Ok(())
         }
+        Command::Verify { .. } | Command::Info { .. } => unreachable!("handled in main"),
+        Command::Restore { dir, options } => image_cmds::restore(&dir, &options),
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {

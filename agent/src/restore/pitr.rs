@@ -1,0 +1,627 @@
+//! Point-in-time recovery: after the image is placed, a private temporary server on it
+//! replays the binlog from the image's position up to a GTID or a time.
+//!
+//! Planning reads every binlog to replay once (`mariadb-binlog` text output), so that a
+//! gap, a file that is not the image's binlog, or a target the binlogs never reach is
+//! refused before anything is replayed, and so that a GTID target becomes an exact
+//! file position (numeric positions work the same in every server version).
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::RestorePlan;
+use super::{RestoreError, RestoreEvent, RestoreOptions};
+use crate::image::{BinlogCoordinates, Image};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Until {
+    Gtid(String),
+    Time(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PitrPlan {
+    pub start: BinlogCoordinates,
+    /// The binlog files to replay, in order (the first from `start.position`).
+    pub files: Vec<PathBuf>,
+    pub until: Until,
+    /// For a GTID target: where in the last file the replay stops (None: its end).
+    pub stop_position: Option<u64>,
+    pub transactions: u64,
+    /// The GTID position the server will have reached.
+    pub reached: String,
+}
+
+impl PitrPlan {
+    pub fn describe(&self) -> String {
+        let target = match &self.until {
+            Until::Gtid(g) => format!("GTID {g}"),
+            Until::Time(t) => format!("before {t}"),
+        };
+        format!(
+            "replay {} transaction(s) from {} at {} up to {target} out of {} binlog file(s) ({} .. {}) on a private temporary server; GTID reached: {}",
+            self.transactions,
+            self.start.file,
+            self.start.position,
+            self.files.len(),
+            self.files
+                .first()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            self.files
+                .last()
+                .map(|f| f.display().to_string())
+                .unwrap_or_default(),
+            if self.reached.is_empty() {
+                "(none)"
+            } else {
+                &self.reached
+            }
+        )
+    }
+}
+
+pub(super) fn plan(
+    image: &Image,
+    _restore: &RestorePlan,
+    options: &RestoreOptions,
+) -> Result<Option<PitrPlan>, RestoreError> {
+    let refuse = |s: String| Err(RestoreError::Refused(s));
+    let until = match (&options.until_gtid, &options.until) {
+        (Some(g), _) => {
+            if parse_gtid(g).is_none() {
+                return refuse(format!(
+                    "--until-gtid {g:?} is not a GTID; give one as domain-server-sequence, e.g. 0-1-1234"
+                ));
+            }
+            Until::Gtid(g.clone())
+        }
+        (None, Some(t)) => {
+            if !is_datetime(t) {
+                return refuse(format!(
+                    "--until {t:?} is not a time; give it as 'YYYY-MM-DD HH:MM:SS' (this machine's time zone)"
+                ));
+            }
+            Until::Time(t.clone())
+        }
+        (None, None) => return Ok(None),
+    };
+    let Some(start) = image.binlog() else {
+        return refuse(
+            "the image has no binlog position (its server ran without a binlog), so there is nothing to replay from; restore without --until".into(),
+        );
+    };
+    if options.binlog_dir.is_empty() {
+        return refuse("point-in-time recovery needs --binlog-dir (a binlog archive, or the old server's binlog directory)".into());
+    }
+    let (stem, first) = split_binlog_name(&start.file).ok_or_else(|| {
+        RestoreError::Refused(format!(
+            "the image's binlog file name {:?} has no sequence number",
+            start.file
+        ))
+    })?;
+    // Every file of the series from the image's file on, from all the directories.
+    let mut found: std::collections::BTreeMap<u64, PathBuf> = Default::default();
+    for dir in &options.binlog_dir {
+        let entries = fs::read_dir(dir).map_err(|e| {
+            RestoreError::Refused(format!("cannot read --binlog-dir {}: {e}", dir.display()))
+        })?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((s, n)) = split_binlog_name(&name)
+                && s == stem
+                && n >= first
+            {
+                found.entry(n).or_insert(e.path());
+            }
+        }
+    }
+    let Some(&last) = found.keys().next_back() else {
+        return refuse(format!(
+            "no binlog file {} or later of series {stem} in {}; point-in-time recovery needs the binlogs written since the backup",
+            start.file,
+            dirs(&options.binlog_dir)
+        ));
+    };
+    let missing: Vec<String> = (first..=last)
+        .filter(|n| !found.contains_key(n))
+        .map(|n| format!("{stem}.{n:06}"))
+        .collect();
+    if !missing.is_empty() {
+        return refuse(format!(
+            "the binlogs have a gap: {} missing from {}; find the missing file(s) (a binlog archive?) or recover only up to the gap",
+            missing.join(", "),
+            dirs(&options.binlog_dir)
+        ));
+    }
+    let files: Vec<PathBuf> = found.into_values().collect();
+    lines_up(image, &start, &files[0])?;
+    let scan = scan(&files, start.position)?;
+    let (last_file, stop_position, replayed) = match &until {
+        Until::Gtid(g) => {
+            let target = parse_gtid(g).expect("checked above");
+            let Some(i) = scan.iter().position(|t| t.gtid == target) else {
+                let range = match (scan.first(), scan.last()) {
+                    (Some(a), Some(b)) => {
+                        format!("they hold {} .. {}", a.gtid_text(), b.gtid_text())
+                    }
+                    _ => "they hold no transaction after the image's position".into(),
+                };
+                return refuse(format!(
+                    "GTID {g} is not in the binlogs after the image's position ({range}); pick a GTID they hold, or add the binlogs that have it"
+                ));
+            };
+            let stop = scan
+                .get(i + 1)
+                .filter(|next| next.file == scan[i].file)
+                .map(|next| next.at);
+            (scan[i].file, stop, &scan[..=i])
+        }
+        Until::Time(t) => {
+            let cut = scan
+                .iter()
+                .position(|tx| tx.time.as_str() >= t.as_str())
+                .unwrap_or(scan.len());
+            (files.len() - 1, None, &scan[..cut])
+        }
+    };
+    let mut reached = parse_gtid_list(&start.gtid);
+    for tx in replayed {
+        reached.retain(|g| g.0 != tx.gtid.0);
+        reached.push(tx.gtid);
+    }
+    reached.sort();
+    Ok(Some(PitrPlan {
+        start,
+        files: files[..=last_file].to_vec(),
+        until,
+        stop_position,
+        transactions: replayed.len() as u64,
+        reached: reached
+            .iter()
+            .map(|g| format!("{}-{}-{}", g.0, g.1, g.2))
+            .collect::<Vec<_>>()
+            .join(","),
+    }))
+}
+
+/// Replays the plan on a private temporary server; returns the GTID position reached.
+pub(super) fn replay(
+    restore: &RestorePlan,
+    pitr: &PitrPlan,
+    events: &mut impl FnMut(RestoreEvent<'_>),
+) -> Result<String, RestoreError> {
+    let failed =
+        |what: &str, e: &dyn std::fmt::Display| RestoreError::Replay(format!("{what}: {e}"));
+    let owner = fs::metadata(&restore.datadir).map_err(|e| failed("reading the datadir", &e))?;
+    let user = nix::unistd::User::from_uid(owner.uid().into())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| "root".into());
+    let tmp = tempdir().map_err(|e| failed("creating a private directory", &e))?;
+    std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
+        .map_err(|e| failed("creating a private directory", &e))?;
+    let socket = tmp.join("mariadbd.sock");
+    let password = random_password().map_err(|e| failed("reading /dev/urandom", &e))?;
+    let password = password.as_str();
+    let init = tmp.join("init.sql");
+    fs::write(
+        &init,
+        format!(
+            "SET sql_log_bin = 0;\n\
+             CREATE USER IF NOT EXISTS 'hotbackup_pitr'@'localhost' IDENTIFIED BY '{password}';\n\
+             GRANT ALL PRIVILEGES ON *.* TO 'hotbackup_pitr'@'localhost';\n"
+        ),
+    )
+    .map_err(|e| failed("writing the init file", &e))?;
+    std::os::unix::fs::chown(&init, Some(owner.uid()), Some(owner.gid()))
+        .map_err(|e| failed("writing the init file", &e))?;
+    let log = tmp.join("mariadbd.err");
+    events(RestoreEvent::Note(format!(
+        "starting a private server on {} (socket {}, no networking, no replication)",
+        restore.datadir.display(),
+        socket.display()
+    )));
+    let mut server = TempServer(
+        Command::new(program("mariadbd"))
+            .arg(format!("--defaults-file={}", restore.config.display()))
+            .arg(format!("--datadir={}", restore.datadir.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", tmp.join("mariadbd.pid").display()))
+            .arg(format!("--log-error={}", log.display()))
+            .arg(format!("--init-file={}", init.display()))
+            .arg(format!("--user={user}"))
+            .args(["--skip-networking", "--skip-slave-start"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| failed("starting mariadbd", &e))?,
+        tmp.clone(),
+    );
+    let client = |extra: &[&str]| {
+        let mut c = Command::new(program("mariadb"));
+        c.arg("--no-defaults")
+            .arg(format!("--socket={}", socket.display()))
+            .arg("--user=hotbackup_pitr")
+            .env("MYSQL_PWD", password)
+            .args(extra);
+        c
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(Some(status)) = server.0.try_wait() {
+            return Err(RestoreError::Replay(format!(
+                "the temporary server exited ({status}) before it was ready; its log:\n{}",
+                tail(&log)
+            )));
+        }
+        let ok = client(&["-e", "SELECT 1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(RestoreError::Replay(format!(
+                "the temporary server did not answer within 300 s; its log:\n{}",
+                tail(&log)
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // mariadb-binlog | mariadb: the binlog's own session settings (server id, GTID,
+    // timestamps) are replayed; --disable-log-bin keeps the replay out of the binlog.
+    let mut binlog = Command::new(program("mariadb-binlog"));
+    binlog
+        .arg("--disable-log-bin")
+        .arg(format!("--start-position={}", pitr.start.position));
+    match (&pitr.until, pitr.stop_position) {
+        (Until::Time(t), _) => {
+            binlog.arg(format!("--stop-datetime={t}"));
+        }
+        (Until::Gtid(_), Some(p)) => {
+            binlog.arg(format!("--stop-position={p}"));
+        }
+        (Until::Gtid(_), None) => {}
+    }
+    binlog
+        .args(&pitr.files)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut reader = binlog
+        .spawn()
+        .map_err(|e| failed("running mariadb-binlog", &e))?;
+    let stream = reader.stdout.take().expect("piped");
+    let applied = client(&["--binary-mode"])
+        .stdin(stream)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| failed("running the mariadb client", &e))?;
+    let read = reader
+        .wait_with_output()
+        .map_err(|e| failed("running mariadb-binlog", &e))?;
+    succeeded("reading the binlog (mariadb-binlog)", &read)?;
+    succeeded("applying the binlog", &applied)?;
+    // The replay is not in the binlog, so the restored server learns its position from
+    // gtid_slave_pos (a replica started on it continues from there).
+    let finish = format!(
+        "SET sql_log_bin = 0; SET GLOBAL gtid_slave_pos = '{}'; DROP USER 'hotbackup_pitr'@'localhost'; SHUTDOWN;",
+        pitr.reached
+    );
+    let out = client(&["-e", &finish])
+        .output()
+        .map_err(|e| failed("shutting the temporary server down", &e))?;
+    succeeded("shutting the temporary server down", &out)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match server.0.try_wait() {
+            Ok(Some(s)) if s.success() => break,
+            Ok(Some(s)) => {
+                return Err(RestoreError::Replay(format!(
+                    "the temporary server exited with {s}; its log:\n{}",
+                    tail(&log)
+                )));
+            }
+            _ if Instant::now() > deadline => {
+                return Err(RestoreError::Replay(
+                    "the temporary server did not shut down within 300 s".into(),
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    Ok(pitr.reached.clone())
+}
+
+fn succeeded(what: &str, out: &std::process::Output) -> Result<(), RestoreError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(RestoreError::Replay(format!(
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// The temporary server, stopped by its own pid if the replay fails, and its private
+/// directory removed.
+struct TempServer(Child, PathBuf);
+
+impl Drop for TempServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+        let _ = fs::remove_dir_all(&self.1);
+    }
+}
+
+/// One transaction of the scanned binlogs.
+#[derive(Clone, Debug)]
+struct Transaction {
+    gtid: (u32, u32, u64),
+    /// Index into the file list, and the position of its GTID event there.
+    file: usize,
+    at: u64,
+    /// `YYYY-MM-DD HH:MM:SS` of its GTID event.
+    time: String,
+}
+
+impl Transaction {
+    fn gtid_text(&self) -> String {
+        format!("{}-{}-{}", self.gtid.0, self.gtid.1, self.gtid.2)
+    }
+}
+
+/// Every GTID event after `start` (in the first file) in `files`, with its place and time.
+fn scan(files: &[PathBuf], start: u64) -> Result<Vec<Transaction>, RestoreError> {
+    let mut out = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let mut c = Command::new(program("mariadb-binlog"));
+        if i == 0 {
+            c.arg(format!("--start-position={start}"));
+        }
+        let mut child = c
+            .arg(file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                RestoreError::Refused(format!(
+                    "cannot run mariadb-binlog (install mariadb-client): {e}"
+                ))
+            })?;
+        let mut at = 0;
+        for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+            let line = line
+                .map_err(|e| RestoreError::Refused(format!("reading {}: {e}", file.display())))?;
+            if let Some(p) = line.strip_prefix("# at ") {
+                at = p.trim().parse().unwrap_or(at);
+            } else if let Some((time, gtid)) = gtid_header(&line) {
+                out.push(Transaction {
+                    gtid,
+                    file: i,
+                    at,
+                    time,
+                });
+            }
+        }
+        let mut err = String::new();
+        let _ = child.stderr.take().expect("piped").read_to_string(&mut err);
+        let status = child
+            .wait()
+            .map_err(|e| RestoreError::Refused(e.to_string()))?;
+        if !status.success() {
+            return Err(RestoreError::Refused(format!(
+                "{} is not a readable binlog: {}",
+                file.display(),
+                err.trim()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// From a header line such as `#251121 23:45:01 server id 1 end_log_pos 400 ... GTID 0-1-5 trans`:
+/// the time as `2025-11-21 23:45:01` and the GTID.
+fn gtid_header(line: &str) -> Option<(String, (u32, u32, u64))> {
+    let rest = line.strip_prefix('#')?;
+    let (date, rest) = rest.split_once(' ')?;
+    let rest = rest.trim_start();
+    let (clock, rest) = rest.split_once(' ')?;
+    let idx = rest
+        .find("\tGTID ")
+        .map(|i| i + 6)
+        .or_else(|| rest.find(" GTID ").map(|i| i + 6))?;
+    let gtid = parse_gtid(rest[idx..].split_whitespace().next()?)?;
+    if date.len() != 6 || !date.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let clock = if clock.len() == 7 {
+        format!("0{clock}")
+    } else {
+        clock.to_string()
+    };
+    Some((
+        format!("20{}-{}-{} {clock}", &date[0..2], &date[2..4], &date[4..6]),
+        gtid,
+    ))
+}
+
+/// The image's own copy of its binlog file must be a prefix of the one to replay
+/// (after the first event, whose in-use flag differs once the server closed the file).
+fn lines_up(image: &Image, start: &BinlogCoordinates, replay: &Path) -> Result<(), RestoreError> {
+    let refuse = |why: String| {
+        Err(RestoreError::Refused(format!(
+            "{} does not line up with the image's binlog position ({} at {}): {why}; give the binlogs of the server the backup was taken from",
+            replay.display(),
+            start.file,
+            start.position
+        )))
+    };
+    let basename = image
+        .settings()
+        .into_iter()
+        .find(|(k, _)| k == "log_bin_basename")
+        .map(|(_, v)| PathBuf::from(v));
+    let own = basename
+        .and_then(|b| {
+            b.parent()
+                .and_then(|p| p.strip_prefix(&image.manifest.source.mountpoint).ok())
+                .map(Path::to_path_buf)
+        })
+        .map(|rel| image.data().join(rel).join(&start.file));
+    let Some(own) = own.filter(|p| p.exists()) else {
+        return Ok(()); // nothing to compare with (an image without its binlog)
+    };
+    let (a, b) = match (fs::read(&own), fs::read(replay)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return refuse(e.to_string()),
+    };
+    let pos = start.position as usize;
+    if b.len() < pos {
+        return refuse(format!(
+            "it holds {} bytes, fewer than the position",
+            b.len()
+        ));
+    }
+    let first_event_end = a
+        .get(13..17)
+        .map(|s| 4 + u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
+    let from = first_event_end.unwrap_or(4).min(pos);
+    if a.len() < pos || a[from..pos] != b[from..pos] {
+        return refuse("its bytes before the position differ".into());
+    }
+    Ok(())
+}
+
+fn split_binlog_name(name: &str) -> Option<(&str, u64)> {
+    let (stem, n) = name.rsplit_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem, n.parse().ok()?))
+}
+
+fn parse_gtid(s: &str) -> Option<(u32, u32, u64)> {
+    let mut it = s.trim().splitn(3, '-');
+    Some((
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    ))
+}
+
+fn parse_gtid_list(s: &str) -> Vec<(u32, u32, u64)> {
+    s.split(',').filter_map(parse_gtid).collect()
+}
+
+fn is_datetime(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 19
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b' ',
+            13 | 16 => *c == b':',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// A throwaway password for the temporary server's private user.
+fn random_password() -> io::Result<String> {
+    let mut bytes = [0u8; 12];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn dirs(d: &[PathBuf]) -> String {
+    d.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn tempdir() -> io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let p = base.join(format!("hotbackup-pitr-{}-{i}", std::process::id()));
+        match fs::create_dir(&p) {
+            Ok(()) => {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
+                return Ok(p);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("no free temporary directory name"))
+}
+
+/// A program of the server's packages: PATH first, then the sbin directories.
+pub fn program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gtid_event_headers_give_time_and_gtid() {
+        let line =
+            "#251121 23:45:01 server id 1  end_log_pos 400 CRC32 0x8a7d0c1f \tGTID 0-1-5 trans";
+        assert_eq!(
+            gtid_header(line),
+            Some(("2025-11-21 23:45:01".to_string(), (0, 1, 5)))
+        );
+        assert_eq!(
+            gtid_header("#251121 23:45:01 server id 1  end_log_pos 400 \tXid = 7"),
+            None
+        );
+        assert_eq!(
+            gtid_header("#251121  9:05:01 server id 1 \tGTID 2-9-77 ddl").map(|x| x.0),
+            Some("2025-11-21 09:05:01".to_string())
+        );
+    }
+
+    #[test]
+    fn binlog_names_and_times_are_checked() {
+        assert_eq!(split_binlog_name("bin.000012"), Some(("bin", 12)));
+        assert_eq!(split_binlog_name("bin.index"), None);
+        assert!(is_datetime("2026-11-21 10:00:00"));
+        assert!(!is_datetime("2026-11-21T10:00:00"));
+        assert_eq!(parse_gtid_list("0-1-5,1-2-9"), [(0, 1, 5), (1, 2, 9)]);
+    }
+}
