@@ -1,0 +1,76 @@
+//! `--safe-slave-backup`: the replication SQL threads stopped until no temporary table
+//! is open, and started again afterwards, each connection back to its state before.
+
+use std::time::{Duration, Instant};
+
+use crate::db::server::ReplicaConnection;
+use crate::db::{Db, DbError, quote};
+
+use super::BackupError;
+
+/// The replication SQL threads the backup stopped, to be started again.
+#[derive(Default)]
+pub(super) struct SqlThreads {
+    stopped: Vec<String>,
+}
+
+impl SqlThreads {
+    fn stop(&mut self, db: &mut Db, name: &str) -> Result<(), DbError> {
+        db.exec(&format!("STOP SLAVE {} SQL_THREAD", quote(name)))?;
+        if !self.stopped.iter().any(|n| n == name) {
+            self.stopped.push(name.to_string());
+        }
+        Ok(())
+    }
+
+    fn start_all(&self, db: &mut Db) -> Result<(), DbError> {
+        for name in &self.stopped {
+            db.exec(&format!("START SLAVE {} SQL_THREAD", quote(name)))?;
+        }
+        Ok(())
+    }
+
+    /// Stops every running SQL thread and waits until the replica has no temporary table
+    /// open, letting them run briefly between checks, up to `timeout`.
+    pub(super) fn stop_until_no_temp_tables(
+        &mut self,
+        db: &mut Db,
+        replicas: &[ReplicaConnection],
+        timeout: Duration,
+    ) -> Result<(), BackupError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for r in replicas.iter().filter(|r| r.sql_running) {
+                self.stop(db, &r.name)?;
+            }
+            let open: u64 = db
+                .rows("SHOW GLOBAL STATUS LIKE 'Slave_open_temp_tables'")?
+                .first()
+                .and_then(|r| r.get("Value").cloned().flatten())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if open == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BackupError::Refused(format!(
+                    "the replica still had {open} temporary table(s) open after --safe-slave-backup-timeout ({}s); its SQL threads run again; retry later or raise the timeout",
+                    timeout.as_secs()
+                )));
+            }
+            self.start_all(db)?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Starts again what was stopped (each connection back to its state before).
+    pub(super) fn restore(&mut self, db: &mut Db) -> Result<(), BackupError> {
+        let result = self.start_all(db);
+        self.stopped.clear();
+        result.map_err(|e| {
+            BackupError::AtValidityPoint(format!(
+                "could not restart a replication SQL thread the backup stopped ({e}); run START SLAVE SQL_THREAD"
+            ))
+        })
+    }
+}
