@@ -15,15 +15,14 @@ use crate::control::{ExtraFile, Report, Request, Response};
 use crate::copy::CopySummary;
 use crate::db::flavor::{self, Flavor, PlanFacts};
 use crate::db::server::{self, BinlogPosition, ReplicaConnection, ServerFacts};
-use crate::db::{Db, DbError, Target};
+use crate::db::{Db, DbError, Sql, Target};
 use crate::history::History;
 use crate::options::CopyOptions;
 
 mod safe_slave;
 mod validity;
 
-use safe_slave::SqlThreads;
-use validity::{release_after_failure, validity_point};
+use validity::at_validity_point;
 
 /// Everything `hotbackup backup` takes besides the connection and the target.
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -237,23 +236,15 @@ pub fn run(
     .inspect_err(|e| history.record("error", Some(&e.to_string())))?;
     history.record("copying", None);
     // ----- the validity point -------------------------------------------------------
-    let mut sql_threads = SqlThreads::default();
-    let outcome = validity_point(
+    let outcome = at_validity_point(
         &mut db,
         &mut session,
         &plan,
         options,
         &replicas,
-        &mut sql_threads,
         &mut events,
     );
-    // Whatever happened: no lock stays (END, or the connection closes), and every SQL
-    // thread we stopped runs again.
-    if outcome.is_err() {
-        release_after_failure(&mut db, &plan);
-    }
-    let restarted = sql_threads.restore(&mut db);
-    let (coords, lock) = match outcome.and_then(|v| restarted.map(|()| v)) {
+    let (coords, lock) = match outcome {
         Ok(v) => v,
         Err(e) => {
             session.cancel(&e.to_string());

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::db::server::ReplicaConnection;
-use crate::db::{Db, DbError, quote};
+use crate::db::{DbError, Sql, quote};
 
 use super::BackupError;
 
@@ -15,7 +15,7 @@ pub(super) struct SqlThreads {
 }
 
 impl SqlThreads {
-    fn stop(&mut self, db: &mut Db, name: &str) -> Result<(), DbError> {
+    fn stop(&mut self, db: &mut impl Sql, name: &str) -> Result<(), DbError> {
         db.exec(&format!("STOP SLAVE {} SQL_THREAD", quote(name)))?;
         if !self.stopped.iter().any(|n| n == name) {
             self.stopped.push(name.to_string());
@@ -23,7 +23,7 @@ impl SqlThreads {
         Ok(())
     }
 
-    fn start_all(&self, db: &mut Db) -> Result<(), DbError> {
+    fn start_all(&self, db: &mut impl Sql) -> Result<(), DbError> {
         for name in &self.stopped {
             db.exec(&format!("START SLAVE {} SQL_THREAD", quote(name)))?;
         }
@@ -34,7 +34,7 @@ impl SqlThreads {
     /// open, letting them run briefly between checks, up to `timeout`.
     pub(super) fn stop_until_no_temp_tables(
         &mut self,
-        db: &mut Db,
+        db: &mut impl Sql,
         replicas: &[ReplicaConnection],
         timeout: Duration,
     ) -> Result<(), BackupError> {
@@ -64,7 +64,7 @@ impl SqlThreads {
     }
 
     /// Starts again what was stopped (each connection back to its state before).
-    pub(super) fn restore(&mut self, db: &mut Db) -> Result<(), BackupError> {
+    pub(super) fn restore(&mut self, db: &mut impl Sql) -> Result<(), BackupError> {
         let result = self.start_all(db);
         self.stopped.clear();
         result.map_err(|e| {

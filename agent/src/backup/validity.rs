@@ -4,10 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::client::StagedClient;
+use crate::client::{ClientError, StagedClient};
+use crate::control::Report;
 use crate::db::flavor::Plan;
 use crate::db::server::{BinlogPosition, ReplicaConnection};
-use crate::db::{Db, DbError};
+use crate::db::{DbError, Sql};
 
 use super::safe_slave::SqlThreads;
 use super::{BackupError, BackupOptions, Event, LockTimes};
@@ -20,9 +21,49 @@ pub(super) struct Coordinates {
     pub(super) gtid_slave_pos: String,
 }
 
-pub(super) fn validity_point(
-    db: &mut Db,
-    session: &mut StagedClient,
+/// Where the capture stops: the agent's staged session, or a recording in the tests.
+pub(super) trait CaptureStop {
+    /// Stops capture at this instant (the validity point), reporting late copy work.
+    fn stop(&mut self, progress: &mut dyn FnMut(&Report)) -> Result<(), ClientError>;
+}
+
+impl CaptureStop for StagedClient {
+    fn stop(&mut self, progress: &mut dyn FnMut(&Report)) -> Result<(), ClientError> {
+        StagedClient::stop(self, progress).map(drop)
+    }
+}
+
+/// The validity point with its promise: whatever fails, no lock stays (the release
+/// statements run, or the connection closes) and every SQL thread the backup stopped
+/// runs again.
+pub(super) fn at_validity_point(
+    db: &mut impl Sql,
+    capture: &mut impl CaptureStop,
+    plan: &Plan,
+    options: &BackupOptions,
+    replicas: &[ReplicaConnection],
+    events: &mut impl FnMut(Event<'_>),
+) -> Result<(Coordinates, LockTimes), BackupError> {
+    let mut sql_threads = SqlThreads::default();
+    let outcome = validity_point(
+        db,
+        capture,
+        plan,
+        options,
+        replicas,
+        &mut sql_threads,
+        events,
+    );
+    if outcome.is_err() {
+        release_after_failure(db, plan);
+    }
+    let restarted = sql_threads.restore(db);
+    outcome.and_then(|v| restarted.map(|()| v))
+}
+
+fn validity_point(
+    db: &mut impl Sql,
+    capture: &mut impl CaptureStop,
     plan: &Plan,
     options: &BackupOptions,
     replicas: &[ReplicaConnection],
@@ -98,7 +139,7 @@ pub(super) fn validity_point(
     lock.stages
         .push(("read coordinates".into(), ms(reading.elapsed())));
     let stopping = Instant::now();
-    session.stop(|r| events(Event::Copy(r)))?;
+    capture.stop(&mut |r| events(Event::Copy(r)))?;
     lock.stages.push((
         "stop capture (the validity point)".into(),
         ms(stopping.elapsed()),
@@ -113,7 +154,7 @@ pub(super) fn validity_point(
 /// Runs the plan's engine-log write. When its last statement puts back a setting the
 /// first one raised (`SET GLOBAL`), that one runs even if a statement before it failed:
 /// the server never keeps the raised setting.
-fn sync_engine_log(db: &mut Db, plan: &Plan, lock: &mut LockTimes) -> Result<(), DbError> {
+fn sync_engine_log(db: &mut impl Sql, plan: &Plan, lock: &mut LockTimes) -> Result<(), DbError> {
     let steps = plan.sync_engine_log.as_slice();
     let (body, restore) = match steps.split_last() {
         Some((last, rest)) if !rest.is_empty() && last.starts_with("SET GLOBAL") => {
@@ -128,7 +169,7 @@ fn sync_engine_log(db: &mut Db, plan: &Plan, lock: &mut LockTimes) -> Result<(),
     }
 }
 
-fn timed(db: &mut Db, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
+fn timed(db: &mut impl Sql, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
     let t = Instant::now();
     db.exec(sql)?;
     lock.stages
@@ -137,7 +178,7 @@ fn timed(db: &mut Db, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
 }
 
 /// A lock-wait timeout, with the statement that held the lock named.
-fn lock_wait(db: &mut Db, sql: &str, options: &BackupOptions, e: DbError) -> BackupError {
+fn lock_wait(db: &mut impl Sql, sql: &str, options: &BackupOptions, e: DbError) -> BackupError {
     if e.code() != Some(1205) {
         return e.into();
     }
@@ -170,7 +211,7 @@ fn lock_wait(db: &mut Db, sql: &str, options: &BackupOptions, e: DbError) -> Bac
 /// Ends every stage after a failure (a success released them, timed, in
 /// `validity_point`). Errors are ignored: a connection that failed releases its locks
 /// by closing.
-pub(super) fn release_after_failure(db: &mut Db, plan: &Plan) {
+fn release_after_failure(db: &mut impl Sql, plan: &Plan) {
     for sql in &plan.release {
         let _ = db.exec(sql);
     }

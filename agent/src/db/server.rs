@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::flavor::{self, Flavor};
-use super::{Db, DbError, Row};
+use super::{DbError, Row, Sql};
 
 /// The server as it describes itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,11 +46,11 @@ const IMAGE_SETTINGS: &[&str] = &[
 ];
 
 impl ServerFacts {
-    pub fn read(db: &mut Db) -> Result<ServerFacts, DbError> {
+    pub fn read<S: Sql>(db: &mut S) -> Result<ServerFacts, DbError> {
         let version = db.value("SELECT @@version")?.unwrap_or_default();
         let comment = db.value("SELECT @@version_comment")?.unwrap_or_default();
         let flavor = Flavor::detect(&version, &comment);
-        let var = |db: &mut Db, name: &str| -> Result<Option<String>, DbError> {
+        let var = |db: &mut S, name: &str| -> Result<Option<String>, DbError> {
             // Variables a flavor lacks read as None.
             match db.value(&format!("SELECT @@GLOBAL.{name}")) {
                 Ok(v) => Ok(v),
