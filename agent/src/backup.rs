@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use crate::client::{AgentAddress, ClientError, StagedClient};
 use crate::control::{ExtraFile, Report, Request, Response};
 use crate::copy::CopySummary;
-use crate::db::flavor::{self, Flavor, PlanFacts};
-use crate::db::server::{self, BinlogPosition, ReplicaConnection, ServerFacts};
+use crate::db::coordinates::{self, BinlogPosition, ReplicaConnection};
+use crate::db::flavor::{self, Dialect, Flavor, PlanFacts};
+use crate::db::server::{self, ServerFacts};
 use crate::db::{Db, DbError, Sql, Target};
 use crate::history::History;
 use crate::options::CopyOptions;
@@ -22,7 +23,7 @@ use crate::options::CopyOptions;
 mod safe_slave;
 mod validity;
 
-use validity::at_validity_point;
+use validity::{at_validity_point, replica_connections};
 
 /// Everything `hotbackup backup` takes besides the connection and the target.
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -161,12 +162,8 @@ pub fn run(
             facts.flavor, facts.version
         )));
     }
-    let replicas: Vec<ReplicaConnection> = match db.rows("SHOW ALL SLAVES STATUS") {
-        Ok(rows) => rows.iter().map(ReplicaConnection::from_row).collect(),
-        // Without the privilege the check below names it.
-        Err(DbError::Query { code: 1227, .. }) => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let dialect = Dialect::of(facts.flavor, facts.version_pair());
+    let replicas = replica_connections(&mut db, dialect)?;
     let is_replica = !replicas.is_empty();
     let grants: Vec<String> = db
         .rows("SHOW GRANTS FOR CURRENT_USER()")?
@@ -275,7 +272,11 @@ pub fn run(
     if !coords.replication.is_empty() {
         files.push(ExtraFile {
             name: "hotbackup_slave_info".into(),
-            contents: server::slave_info(&coords.replication, &coords.gtid_slave_pos),
+            contents: coordinates::slave_info(
+                plan.dialect,
+                &coords.replication,
+                &coords.replica_gtid,
+            ),
         });
     }
     // Where the datadir is inside the image (the image is the whole mount).
@@ -283,7 +284,7 @@ pub fn run(
         .ok()
         .and_then(|d| d.strip_prefix(&mountpoint).ok().map(Path::to_path_buf))
         .unwrap_or_default();
-    let database = serde_json::json!({
+    let mut database = serde_json::json!({
         "datadir_in_image": datadir_in_image,
         "server": {
             "flavor": facts.flavor,
@@ -297,9 +298,15 @@ pub fn run(
         },
         "binlog": coords.binlog,
         "replication": coords.replication,
-        "gtid_slave_pos": coords.gtid_slave_pos,
         "lock": lock,
     });
+    // The GTID state a server started on the image resumes replication from, under its
+    // own name.
+    let gtid_key = match plan.dialect {
+        Dialect::MariaDb => "gtid_slave_pos",
+        Dialect::MySql57 | Dialect::MySql8 => "gtid_executed",
+    };
+    database[gtid_key] = serde_json::json!(coords.replica_gtid);
     let image = session
         .finish("backup", database, files, |r| events(Event::Copy(r)))
         .inspect_err(|e| history.record("error", Some(&e.to_string())))?;

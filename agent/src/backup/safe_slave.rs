@@ -3,31 +3,43 @@
 
 use std::time::{Duration, Instant};
 
-use crate::db::server::ReplicaConnection;
-use crate::db::{DbError, Sql, quote};
+use crate::db::coordinates::ReplicaConnection;
+use crate::db::flavor::{Dialect, ThreadVerb};
+use crate::db::{DbError, Sql};
 
 use super::BackupError;
 
 /// The replication SQL threads the backup stopped, to be started again.
-#[derive(Default)]
 pub(super) struct SqlThreads {
+    dialect: Dialect,
     stopped: Vec<String>,
 }
 
 impl SqlThreads {
+    pub(super) fn new(dialect: Dialect) -> SqlThreads {
+        SqlThreads {
+            dialect,
+            stopped: Vec::new(),
+        }
+    }
+
     fn stop(&mut self, db: &mut impl Sql, name: &str) -> Result<(), DbError> {
-        db.exec(&format!("STOP SLAVE {} SQL_THREAD", quote(name)))?;
+        db.exec(&self.dialect.sql_thread(ThreadVerb::Stop, name))?;
         if !self.stopped.iter().any(|n| n == name) {
             self.stopped.push(name.to_string());
         }
         Ok(())
     }
 
+    /// Starts every stopped thread; one that fails does not keep the others stopped.
     fn start_all(&self, db: &mut impl Sql) -> Result<(), DbError> {
+        let mut first_error = None;
         for name in &self.stopped {
-            db.exec(&format!("START SLAVE {} SQL_THREAD", quote(name)))?;
+            if let Err(e) = db.exec(&self.dialect.sql_thread(ThreadVerb::Start, name)) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Stops every running SQL thread and waits until the replica has no temporary table
@@ -44,7 +56,7 @@ impl SqlThreads {
                 self.stop(db, &r.name)?;
             }
             let open: u64 = db
-                .rows("SHOW GLOBAL STATUS LIKE 'Slave_open_temp_tables'")?
+                .rows(self.dialect.open_temp_tables())?
                 .first()
                 .and_then(|r| r.get("Value").cloned().flatten())
                 .and_then(|v| v.parse().ok())
@@ -66,10 +78,14 @@ impl SqlThreads {
     /// Starts again what was stopped (each connection back to its state before).
     pub(super) fn restore(&mut self, db: &mut impl Sql) -> Result<(), BackupError> {
         let result = self.start_all(db);
-        self.stopped.clear();
+        let by_hand: Vec<String> = std::mem::take(&mut self.stopped)
+            .iter()
+            .map(|name| self.dialect.sql_thread(ThreadVerb::Start, name))
+            .collect();
         result.map_err(|e| {
             BackupError::AtValidityPoint(format!(
-                "could not restart a replication SQL thread the backup stopped ({e}); run START SLAVE SQL_THREAD"
+                "could not restart a replication SQL thread the backup stopped ({e}); run {}",
+                by_hand.join("; ")
             ))
         })
     }

@@ -6,19 +6,24 @@ use std::time::{Duration, Instant};
 
 use crate::client::{ClientError, StagedClient};
 use crate::control::Report;
-use crate::db::flavor::Plan;
-use crate::db::server::{BinlogPosition, ReplicaConnection};
-use crate::db::{DbError, Sql};
+use crate::db::coordinates::{self, Coordinates, ReplicaConnection};
+use crate::db::flavor::{Dialect, Plan};
+use crate::db::{DbError, Row, Sql};
 
 use super::safe_slave::SqlThreads;
 use super::{BackupError, BackupOptions, Event, LockTimes};
 
-/// What was read under the commit block.
-#[derive(Default)]
-pub(super) struct Coordinates {
-    pub(super) binlog: Option<BinlogPosition>,
-    pub(super) replication: Vec<ReplicaConnection>,
-    pub(super) gtid_slave_pos: String,
+/// The replication connections, listed before anything is locked; none without the
+/// privilege to list them (the privilege check then names it).
+pub(super) fn replica_connections(
+    db: &mut impl Sql,
+    dialect: Dialect,
+) -> Result<Vec<ReplicaConnection>, DbError> {
+    match db.rows(dialect.replica_status()) {
+        Ok(rows) => Ok(coordinates::connections(dialect, &rows)),
+        Err(DbError::Query { code: 1227, .. }) => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Where the capture stops: the agent's staged session, or a recording in the tests.
@@ -44,7 +49,7 @@ pub(super) fn at_validity_point(
     replicas: &[ReplicaConnection],
     events: &mut impl FnMut(Event<'_>),
 ) -> Result<(Coordinates, LockTimes), BackupError> {
-    let mut sql_threads = SqlThreads::default();
+    let mut sql_threads = SqlThreads::new(plan.dialect);
     let outcome = validity_point(
         db,
         capture,
@@ -107,34 +112,22 @@ fn validity_point(
     let mut coords = Coordinates::default();
     let reading = Instant::now();
     if !plan.binlog_coordinates.is_empty() {
-        let status = db.rows("SHOW MASTER STATUS")?;
-        let row = status.first().ok_or_else(|| {
-            BackupError::AtValidityPoint("SHOW MASTER STATUS returned no row".into())
-        })?;
-        let get = |k: &str| row.get(k).cloned().flatten().unwrap_or_default();
-        coords.binlog = Some(BinlogPosition {
-            file: get("File"),
-            position: get("Position").parse().unwrap_or(0),
-            gtid: db
-                .value("SELECT @@GLOBAL.gtid_binlog_pos")?
-                .unwrap_or_default(),
-        });
+        let answers = answers(db, &plan.binlog_coordinates)?;
+        coords.binlog = Some(
+            coordinates::binlog_position(plan.dialect, &answers)
+                .map_err(|e| BackupError::AtValidityPoint(e.to_string()))?,
+        );
     }
     if !plan.replica_coordinates.is_empty() {
-        coords.replication = db
-            .rows("SHOW ALL SLAVES STATUS")?
-            .iter()
-            .map(ReplicaConnection::from_row)
-            .collect();
+        let answers = answers(db, &plan.replica_coordinates)?;
+        (coords.replication, coords.replica_gtid) =
+            coordinates::replica_coordinates(plan.dialect, &answers);
         // As they were before safe-slave stopped anything.
         for c in &mut coords.replication {
             if let Some(before) = replicas.iter().find(|r| r.name == c.name) {
                 c.sql_running = before.sql_running;
             }
         }
-        coords.gtid_slave_pos = db
-            .value("SELECT @@GLOBAL.gtid_slave_pos")?
-            .unwrap_or_default();
     }
     lock.stages
         .push(("read coordinates".into(), ms(reading.elapsed())));
@@ -149,6 +142,11 @@ fn validity_point(
     }
     lock.commit_block_ms = ms(blocked.elapsed());
     Ok((coords, lock))
+}
+
+/// The rows each statement returned, in order.
+fn answers(db: &mut impl Sql, statements: &[String]) -> Result<Vec<Vec<Row>>, DbError> {
+    statements.iter().map(|sql| db.rows(sql)).collect()
 }
 
 /// Runs the plan's engine-log write. When its last statement puts back a setting the

@@ -2,6 +2,7 @@
 //! files, the password never required on the command line), the server's flavor and
 //! facts, and each flavor's statement plan for the validity point.
 
+pub mod coordinates;
 pub mod flavor;
 pub mod optfile;
 pub mod server;

@@ -1,13 +1,12 @@
 //! What the backup needs to know about the server: its flavor and settings (the paths
-//! the image must hold, what recovery depends on), the privileges the plan needs, and
-//! the coordinates read at the validity point.
+//! the image must hold, what recovery depends on) and the privileges the plan needs.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::flavor::{self, Flavor};
-use super::{DbError, Row, Sql};
+use super::{DbError, Sql};
 
 /// The server as it describes itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -219,88 +218,6 @@ pub fn missing_privileges(grants: &[String], needed: &[Needed]) -> Vec<String> {
         .collect()
 }
 
-/// The binlog position at the validity point.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct BinlogPosition {
-    pub file: String,
-    pub position: u64,
-    pub gtid: String,
-}
-
-impl BinlogPosition {
-    /// `FILE<TAB>POS<TAB>GTID`, the layout of mariabackup's `xtrabackup_binlog_info`.
-    pub fn info_line(&self) -> String {
-        format!("{}\t{}\t{}\n", self.file, self.position, self.gtid)
-    }
-}
-
-/// One replication connection of a replica at the validity point.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ReplicaConnection {
-    /// Empty for the default connection.
-    pub name: String,
-    pub source_host: String,
-    pub source_port: u16,
-    /// `No`, `Slave_Pos` or `Current_Pos`.
-    pub using_gtid: String,
-    /// The source's binlog coordinates of the last executed event.
-    pub exec_file: String,
-    pub exec_position: u64,
-    pub sql_running: bool,
-    pub io_running: bool,
-}
-
-impl ReplicaConnection {
-    pub fn from_row(row: &Row) -> ReplicaConnection {
-        let get = |k: &str| row.get(k).cloned().flatten().unwrap_or_default();
-        ReplicaConnection {
-            name: get("Connection_name"),
-            source_host: get("Master_Host"),
-            source_port: get("Master_Port").parse().unwrap_or(3306),
-            using_gtid: get("Using_Gtid"),
-            exec_file: get("Relay_Master_Log_File"),
-            exec_position: get("Exec_Master_Log_Pos").parse().unwrap_or(0),
-            sql_running: get("Slave_SQL_Running") == "Yes",
-            io_running: get("Slave_IO_Running") == "Yes",
-        }
-    }
-}
-
-/// `hotbackup_slave_info`: ready-to-run SQL that points a server started on the image
-/// at the backed-up replica's sources. Never a password.
-pub fn slave_info(connections: &[ReplicaConnection], gtid_slave_pos: &str) -> String {
-    let mut out = String::new();
-    let any_gtid = connections.iter().any(|c| c.using_gtid != "No");
-    if any_gtid {
-        out.push_str(&format!(
-            "SET GLOBAL gtid_slave_pos = {};\n",
-            super::quote(gtid_slave_pos)
-        ));
-    }
-    for c in connections {
-        let name = if c.name.is_empty() {
-            String::new()
-        } else {
-            format!("{} ", super::quote(&c.name))
-        };
-        let position = if c.using_gtid != "No" {
-            "MASTER_USE_GTID=slave_pos".to_string()
-        } else {
-            format!(
-                "MASTER_LOG_FILE={}, MASTER_LOG_POS={}",
-                super::quote(&c.exec_file),
-                c.exec_position
-            )
-        };
-        out.push_str(&format!(
-            "CHANGE MASTER {name}TO MASTER_HOST={}, MASTER_PORT={}, {position};\n",
-            super::quote(&c.source_host),
-            c.source_port
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,39 +261,5 @@ mod tests {
         assert!(missing_privileges(&all, &needed).is_empty());
         let alt = vec!["GRANT RELOAD, PROCESS, SUPER ON *.* TO `bk`@`%`".to_string()];
         assert!(missing_privileges(&alt, &needed).is_empty());
-    }
-
-    #[test]
-    fn slave_info_is_sql_per_connection_without_passwords() {
-        let conns = vec![
-            ReplicaConnection {
-                name: String::new(),
-                source_host: "10.0.0.1".into(),
-                source_port: 3306,
-                using_gtid: "Slave_Pos".into(),
-                exec_file: "bin.000003".into(),
-                exec_position: 1234,
-                sql_running: true,
-                io_running: true,
-            },
-            ReplicaConnection {
-                name: "east".into(),
-                source_host: "db'east".into(),
-                source_port: 3307,
-                using_gtid: "No".into(),
-                exec_file: "east-bin.000009".into(),
-                exec_position: 42,
-                sql_running: false,
-                io_running: true,
-            },
-        ];
-        let sql = slave_info(&conns, "0-1-100,1-2-7");
-        assert_eq!(
-            sql,
-            "SET GLOBAL gtid_slave_pos = '0-1-100,1-2-7';\n\
-             CHANGE MASTER TO MASTER_HOST='10.0.0.1', MASTER_PORT=3306, MASTER_USE_GTID=slave_pos;\n\
-             CHANGE MASTER 'east' TO MASTER_HOST='db''east', MASTER_PORT=3307, MASTER_LOG_FILE='east-bin.000009', MASTER_LOG_POS=42;\n"
-        );
-        assert!(!sql.to_ascii_uppercase().contains("PASSWORD"));
     }
 }
