@@ -6,6 +6,8 @@ pub mod coordinates;
 pub mod flavor;
 pub mod optfile;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod transcript;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
