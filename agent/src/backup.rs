@@ -23,6 +23,9 @@ use crate::options::CopyOptions;
 mod safe_slave;
 mod validity;
 
+#[cfg(test)]
+mod transcript_tests;
+
 use validity::{at_validity_point, replica_connections};
 
 /// Everything `hotbackup backup` takes besides the connection and the target.

@@ -62,8 +62,18 @@ pub(super) fn at_validity_point(
     if outcome.is_err() {
         release_after_failure(db, plan);
     }
-    let restarted = sql_threads.restore(db);
-    outcome.and_then(|v| restarted.map(|()| v))
+    match (outcome, sql_threads.restore(db)) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(restart)) => Err(restart),
+        (Err(e), restarted) => {
+            // The first failure is the one to report; a thread left stopped must still
+            // be told.
+            if let Err(restart) = restarted {
+                events(Event::Note(restart.to_string()));
+            }
+            Err(e)
+        }
+    }
 }
 
 fn validity_point(
