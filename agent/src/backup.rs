@@ -161,7 +161,7 @@ pub fn run(
     let facts = ServerFacts::read(&mut db)?;
     if facts.flavor != Flavor::MariaDb {
         events(Event::Note(format!(
-            "{:?} {}: this flavor's statement plan is built but only MariaDB is tested here",
+            "{:?} {}: this flavor's validity point is tested against recorded server transcripts only, not against a live server",
             facts.flavor, facts.version
         )));
     }
@@ -322,12 +322,17 @@ pub fn run(
     })
 }
 
-/// `hotbackup-my.cnf`: the settings a server started on the image must have.
+/// `hotbackup-my.cnf`: the settings a server started on the image must have, in the
+/// option group its server reads.
 fn my_cnf(facts: &ServerFacts) -> String {
-    let mut out = String::from(
+    let group = match facts.flavor {
+        Flavor::MariaDb => "[mariadbd]",
+        Flavor::MySql | Flavor::Percona => "[mysqld]",
+    };
+    let mut out = format!(
         "# Written by hotbackup: the settings of the backed-up server that a server\n\
          # started on this image must keep (restore, point-in-time replay, replicas).\n\
-         [mariadbd]\n",
+         {group}\n",
     );
     for (name, value) in &facts.settings {
         out.push_str(&format!("{name} = {value}\n"));
