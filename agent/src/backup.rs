@@ -6,18 +6,27 @@
 //! left with a stopped SQL thread, whatever fails.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::client::{AgentAddress, ClientError, StagedClient};
 use crate::control::{ExtraFile, Report, Request, Response};
 use crate::copy::CopySummary;
-use crate::db::flavor::{self, Flavor, Plan, PlanFacts};
-use crate::db::server::{self, BinlogPosition, ReplicaConnection, ServerFacts};
-use crate::db::{Db, DbError, Target, quote};
+use crate::db::coordinates::{self, BinlogPosition, ReplicaConnection};
+use crate::db::flavor::{self, Dialect, Flavor, PlanFacts};
+use crate::db::server::{self, ServerFacts};
+use crate::db::{Db, DbError, Sql, Target};
 use crate::history::History;
 use crate::options::CopyOptions;
+
+mod safe_slave;
+mod validity;
+
+#[cfg(test)]
+mod transcript_tests;
+
+use validity::{at_validity_point, replica_connections};
 
 /// Everything `hotbackup backup` takes besides the connection and the target.
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -152,16 +161,12 @@ pub fn run(
     let facts = ServerFacts::read(&mut db)?;
     if facts.flavor != Flavor::MariaDb {
         events(Event::Note(format!(
-            "{:?} {}: this flavor's statement plan is built but only MariaDB is tested here",
+            "{:?} {}: this flavor's validity point is tested against recorded server transcripts only, not against a live server",
             facts.flavor, facts.version
         )));
     }
-    let replicas: Vec<ReplicaConnection> = match db.rows("SHOW ALL SLAVES STATUS") {
-        Ok(rows) => rows.iter().map(ReplicaConnection::from_row).collect(),
-        // Without the privilege the check below names it.
-        Err(DbError::Query { code: 1227, .. }) => Vec::new(),
-        Err(e) => return Err(e.into()),
-    };
+    let dialect = Dialect::of(facts.flavor, facts.version_pair());
+    let replicas = replica_connections(&mut db, dialect)?;
     let is_replica = !replicas.is_empty();
     let grants: Vec<String> = db
         .rows("SHOW GRANTS FOR CURRENT_USER()")?
@@ -231,23 +236,15 @@ pub fn run(
     .inspect_err(|e| history.record("error", Some(&e.to_string())))?;
     history.record("copying", None);
     // ----- the validity point -------------------------------------------------------
-    let mut sql_threads = SqlThreads::default();
-    let outcome = validity_point(
+    let outcome = at_validity_point(
         &mut db,
         &mut session,
         &plan,
         options,
         &replicas,
-        &mut sql_threads,
         &mut events,
     );
-    // Whatever happened: no lock stays (END, or the connection closes), and every SQL
-    // thread we stopped runs again.
-    if outcome.is_err() {
-        release_after_failure(&mut db, &plan);
-    }
-    let restarted = sql_threads.restore(&mut db);
-    let (coords, lock) = match outcome.and_then(|v| restarted.map(|()| v)) {
+    let (coords, lock) = match outcome {
         Ok(v) => v,
         Err(e) => {
             session.cancel(&e.to_string());
@@ -278,7 +275,11 @@ pub fn run(
     if !coords.replication.is_empty() {
         files.push(ExtraFile {
             name: "hotbackup_slave_info".into(),
-            contents: server::slave_info(&coords.replication, &coords.gtid_slave_pos),
+            contents: coordinates::slave_info(
+                plan.dialect,
+                &coords.replication,
+                &coords.replica_gtid,
+            ),
         });
     }
     // Where the datadir is inside the image (the image is the whole mount).
@@ -286,7 +287,7 @@ pub fn run(
         .ok()
         .and_then(|d| d.strip_prefix(&mountpoint).ok().map(Path::to_path_buf))
         .unwrap_or_default();
-    let database = serde_json::json!({
+    let mut database = serde_json::json!({
         "datadir_in_image": datadir_in_image,
         "server": {
             "flavor": facts.flavor,
@@ -300,9 +301,15 @@ pub fn run(
         },
         "binlog": coords.binlog,
         "replication": coords.replication,
-        "gtid_slave_pos": coords.gtid_slave_pos,
         "lock": lock,
     });
+    // The GTID state a server started on the image resumes replication from, under its
+    // own name.
+    let gtid_key = match plan.dialect {
+        Dialect::MariaDb => "gtid_slave_pos",
+        Dialect::MySql57 | Dialect::MySql8 => "gtid_executed",
+    };
+    database[gtid_key] = serde_json::json!(coords.replica_gtid);
     let image = session
         .finish("backup", database, files, |r| events(Event::Copy(r)))
         .inspect_err(|e| history.record("error", Some(&e.to_string())))?;
@@ -315,262 +322,22 @@ pub fn run(
     })
 }
 
-/// What was read under the commit block.
-#[derive(Default)]
-struct Coordinates {
-    binlog: Option<BinlogPosition>,
-    replication: Vec<ReplicaConnection>,
-    gtid_slave_pos: String,
-}
-
-fn validity_point(
-    db: &mut Db,
-    session: &mut StagedClient,
-    plan: &Plan,
-    options: &BackupOptions,
-    replicas: &[ReplicaConnection],
-    sql_threads: &mut SqlThreads,
-    events: &mut impl FnMut(Event<'_>),
-) -> Result<(Coordinates, LockTimes), BackupError> {
-    let mut lock = LockTimes::default();
-    db.exec(&format!(
-        "SET SESSION lock_wait_timeout = {}",
-        options.lock_wait_timeout.max(1)
-    ))?;
-    if options.safe_slave_backup && !replicas.iter().any(|r| r.sql_running) {
-        if !replicas.is_empty() {
-            events(Event::Note(
-                "--safe-slave-backup: no replication SQL thread runs, so no temporary table can close; not waiting".into(),
-            ));
-        }
-    } else if options.safe_slave_backup {
-        events(Event::Note(
-            "waiting for the replica's temporary tables to close".into(),
-        ));
-        sql_threads.stop_until_no_temp_tables(
-            db,
-            replicas,
-            Duration::from_secs(options.safe_slave_backup_timeout),
-        )?;
-    }
-    pause_point("copied");
-    for sql in &plan.prepare {
-        timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
-    }
-    // Write the engine log once before commits are blocked, so that under the block
-    // only the last few milliseconds of it remain to be written.
-    sync_engine_log(db, plan, &mut lock)?;
-    for sql in &plan.block_commits {
-        timed(db, sql, &mut lock).map_err(|e| lock_wait(db, sql, options, e))?;
-    }
-    let blocked = Instant::now();
-    pause_point("block_commit");
-    sync_engine_log(db, plan, &mut lock)?;
-    let mut coords = Coordinates::default();
-    let reading = Instant::now();
-    if !plan.binlog_coordinates.is_empty() {
-        let status = db.rows("SHOW MASTER STATUS")?;
-        let row = status.first().ok_or_else(|| {
-            BackupError::AtValidityPoint("SHOW MASTER STATUS returned no row".into())
-        })?;
-        let get = |k: &str| row.get(k).cloned().flatten().unwrap_or_default();
-        coords.binlog = Some(BinlogPosition {
-            file: get("File"),
-            position: get("Position").parse().unwrap_or(0),
-            gtid: db
-                .value("SELECT @@GLOBAL.gtid_binlog_pos")?
-                .unwrap_or_default(),
-        });
-    }
-    if !plan.replica_coordinates.is_empty() {
-        coords.replication = db
-            .rows("SHOW ALL SLAVES STATUS")?
-            .iter()
-            .map(ReplicaConnection::from_row)
-            .collect();
-        // As they were before safe-slave stopped anything.
-        for c in &mut coords.replication {
-            if let Some(before) = replicas.iter().find(|r| r.name == c.name) {
-                c.sql_running = before.sql_running;
-            }
-        }
-        coords.gtid_slave_pos = db
-            .value("SELECT @@GLOBAL.gtid_slave_pos")?
-            .unwrap_or_default();
-    }
-    lock.stages
-        .push(("read coordinates".into(), ms(reading.elapsed())));
-    let stopping = Instant::now();
-    session.stop(|r| events(Event::Copy(r)))?;
-    lock.stages.push((
-        "stop capture (the validity point)".into(),
-        ms(stopping.elapsed()),
-    ));
-    for sql in &plan.release {
-        timed(db, sql, &mut lock)?;
-    }
-    lock.commit_block_ms = ms(blocked.elapsed());
-    Ok((coords, lock))
-}
-
-/// Runs the plan's engine-log write. When its last statement puts back a setting the
-/// first one raised (`SET GLOBAL`), that one runs even if a statement before it failed:
-/// the server never keeps the raised setting.
-fn sync_engine_log(db: &mut Db, plan: &Plan, lock: &mut LockTimes) -> Result<(), DbError> {
-    let steps = plan.sync_engine_log.as_slice();
-    let (body, restore) = match steps.split_last() {
-        Some((last, rest)) if !rest.is_empty() && last.starts_with("SET GLOBAL") => {
-            (rest, Some(last))
-        }
-        _ => (steps, None),
-    };
-    let result = body.iter().try_for_each(|sql| timed(db, sql, lock));
-    match restore {
-        Some(sql) => result.and(timed(db, sql, lock)),
-        None => result,
-    }
-}
-
-fn timed(db: &mut Db, sql: &str, lock: &mut LockTimes) -> Result<(), DbError> {
-    let t = Instant::now();
-    db.exec(sql)?;
-    lock.stages
-        .push((sql.to_string(), t.elapsed().as_secs_f64() * 1000.0));
-    Ok(())
-}
-
-/// A lock-wait timeout, with the statement that held the lock named.
-fn lock_wait(db: &mut Db, sql: &str, options: &BackupOptions, e: DbError) -> BackupError {
-    if e.code() != Some(1205) {
-        return e.into();
-    }
-    let blocker = db
-        .rows(
-            "SELECT ID, USER, TIME, INFO FROM information_schema.PROCESSLIST \
-             WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Sleep', 'Daemon', 'Binlog Dump') \
-             AND INFO IS NOT NULL ORDER BY TIME DESC LIMIT 1",
-        )
-        .ok()
-        .and_then(|rows| rows.into_iter().next())
-        .map(|r| {
-            let get = |k: &str| r.get(k).cloned().flatten().unwrap_or_default();
-            format!(
-                " behind connection {} of {} running for {}s: {}",
-                get("ID"),
-                get("USER"),
-                get("TIME"),
-                get("INFO")
-            )
-        })
-        .unwrap_or_default();
-    BackupError::LockWait {
-        stage: sql.to_string(),
-        timeout: options.lock_wait_timeout,
-        blocker,
-    }
-}
-
-/// Ends every stage after a failure (a success released them, timed, in
-/// `validity_point`). Errors are ignored: a connection that failed releases its locks
-/// by closing.
-fn release_after_failure(db: &mut Db, plan: &Plan) {
-    for sql in &plan.release {
-        let _ = db.exec(sql);
-    }
-}
-
-/// The replication SQL threads the backup stopped, to be started again.
-#[derive(Default)]
-struct SqlThreads {
-    stopped: Vec<String>,
-}
-
-impl SqlThreads {
-    fn stop(&mut self, db: &mut Db, name: &str) -> Result<(), DbError> {
-        db.exec(&format!("STOP SLAVE {} SQL_THREAD", quote(name)))?;
-        if !self.stopped.iter().any(|n| n == name) {
-            self.stopped.push(name.to_string());
-        }
-        Ok(())
-    }
-
-    fn start_all(&self, db: &mut Db) -> Result<(), DbError> {
-        for name in &self.stopped {
-            db.exec(&format!("START SLAVE {} SQL_THREAD", quote(name)))?;
-        }
-        Ok(())
-    }
-
-    /// Stops every running SQL thread and waits until the replica has no temporary table
-    /// open, letting them run briefly between checks, up to `timeout`.
-    fn stop_until_no_temp_tables(
-        &mut self,
-        db: &mut Db,
-        replicas: &[ReplicaConnection],
-        timeout: Duration,
-    ) -> Result<(), BackupError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            for r in replicas.iter().filter(|r| r.sql_running) {
-                self.stop(db, &r.name)?;
-            }
-            let open: u64 = db
-                .rows("SHOW GLOBAL STATUS LIKE 'Slave_open_temp_tables'")?
-                .first()
-                .and_then(|r| r.get("Value").cloned().flatten())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if open == 0 {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(BackupError::Refused(format!(
-                    "the replica still had {open} temporary table(s) open after --safe-slave-backup-timeout ({}s); its SQL threads run again; retry later or raise the timeout",
-                    timeout.as_secs()
-                )));
-            }
-            self.start_all(db)?;
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-
-    /// Starts again what was stopped (each connection back to its state before).
-    fn restore(&mut self, db: &mut Db) -> Result<(), BackupError> {
-        let result = self.start_all(db);
-        self.stopped.clear();
-        result.map_err(|e| {
-            BackupError::AtValidityPoint(format!(
-                "could not restart a replication SQL thread the backup stopped ({e}); run START SLAVE SQL_THREAD"
-            ))
-        })
-    }
-}
-
-/// `hotbackup-my.cnf`: the settings a server started on the image must have.
+/// `hotbackup-my.cnf`: the settings a server started on the image must have, in the
+/// option group its server reads.
 fn my_cnf(facts: &ServerFacts) -> String {
-    let mut out = String::from(
+    let group = match facts.flavor {
+        Flavor::MariaDb => "[mariadbd]",
+        Flavor::MySql | Flavor::Percona => "[mysqld]",
+    };
+    let mut out = format!(
         "# Written by hotbackup: the settings of the backed-up server that a server\n\
          # started on this image must keep (restore, point-in-time replay, replicas).\n\
-         [mariadbd]\n",
+         {group}\n",
     );
     for (name, value) in &facts.settings {
         out.push_str(&format!("{name} = {value}\n"));
     }
     out
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Fault injection for the tests: with `HOTBACKUP_TEST_PAUSE_AT=<point>` in the
-/// environment the coordinator announces the point on stderr and waits there (for a
-/// test to kill it). Points: `copied` (before any lock), `block_commit` (commits blocked).
-fn pause_point(point: &str) {
-    if std::env::var("HOTBACKUP_TEST_PAUSE_AT").is_ok_and(|p| p == point) {
-        eprintln!("hotbackup: paused at {point}");
-        std::thread::sleep(Duration::from_secs(120));
-    }
 }
 
 /// The option files `--copy-config` names, read before anything else happens.

@@ -34,6 +34,69 @@ pub fn major_minor(version: &str) -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
+/// How a flavor's SQL speaks of replication, and where it reports coordinates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// MariaDB: named connections, `SHOW ALL SLAVES STATUS`, `gtid_slave_pos`.
+    MariaDb,
+    /// MySQL and Percona Server 5.7: channels, `SHOW SLAVE STATUS`, `MASTER_*` options.
+    MySql57,
+    /// MySQL and Percona Server 8.0 (from 8.0.23): channels, `SHOW REPLICA STATUS`,
+    /// `SOURCE_*` options, `performance_schema.log_status`.
+    MySql8,
+}
+
+impl Dialect {
+    pub fn of(flavor: Flavor, version: (u32, u32)) -> Dialect {
+        match flavor {
+            Flavor::MariaDb => Dialect::MariaDb,
+            Flavor::MySql | Flavor::Percona if version < (8, 0) => Dialect::MySql57,
+            Flavor::MySql | Flavor::Percona => Dialect::MySql8,
+        }
+    }
+
+    /// Lists the replication connections, one row each (no row: not a replica).
+    pub fn replica_status(self) -> &'static str {
+        match self {
+            Dialect::MariaDb => "SHOW ALL SLAVES STATUS",
+            Dialect::MySql57 => "SHOW SLAVE STATUS",
+            Dialect::MySql8 => "SHOW REPLICA STATUS",
+        }
+    }
+
+    /// How many temporary tables the replication SQL threads hold open (one row, `Value`).
+    pub fn open_temp_tables(self) -> &'static str {
+        match self {
+            Dialect::MariaDb | Dialect::MySql57 => {
+                "SHOW GLOBAL STATUS LIKE 'Slave_open_temp_tables'"
+            }
+            Dialect::MySql8 => "SHOW GLOBAL STATUS LIKE 'Replica_open_temp_tables'",
+        }
+    }
+
+    /// Stops (or starts) the SQL thread of the connection or channel `name` (empty: the
+    /// default one).
+    pub fn sql_thread(self, verb: ThreadVerb, name: &str) -> String {
+        let verb = match verb {
+            ThreadVerb::Stop => "STOP",
+            ThreadVerb::Start => "START",
+        };
+        let name = super::quote(name);
+        match self {
+            Dialect::MariaDb => format!("{verb} SLAVE {name} SQL_THREAD"),
+            Dialect::MySql57 => format!("{verb} SLAVE SQL_THREAD FOR CHANNEL {name}"),
+            Dialect::MySql8 => format!("{verb} REPLICA SQL_THREAD FOR CHANNEL {name}"),
+        }
+    }
+}
+
+/// What [`Dialect::sql_thread`] does to a replication SQL thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadVerb {
+    Stop,
+    Start,
+}
+
 /// What decides the plan.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlanFacts {
@@ -50,6 +113,8 @@ pub struct PlanFacts {
 /// The statements of the validity point, stage by stage.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
+    /// How this flavor speaks of replication (listing, SQL threads, coordinates).
+    pub dialect: Dialect,
     /// Before anything is locked, once the copy phase is over: locks that wait for DDL
     /// and flush non-transactional tables (each wait bounded by `lock_wait_timeout`).
     pub prepare: Vec<String>,
@@ -57,9 +122,11 @@ pub struct Plan {
     pub block_commits: Vec<String>,
     /// Under the block: make the engine log cover every commit in the binlog.
     pub sync_engine_log: Vec<String>,
-    /// Under the block: where the binlog is.
+    /// Under the block: where the binlog is (parsed by `coordinates::binlog_position`).
     pub binlog_coordinates: Vec<String>,
-    /// Under the block, on a replica: where each replication connection is.
+    /// Under the block, on a replica: where each replication connection is, and the GTID
+    /// state a server started on the image resumes from (parsed by
+    /// `coordinates::replica_coordinates`).
     pub replica_coordinates: Vec<String>,
     /// After the stop: every lock released, in order.
     pub release: Vec<String>,
@@ -68,8 +135,18 @@ pub struct Plan {
 /// The statement plan of a flavor.
 pub fn plan(f: &PlanFacts) -> Plan {
     let flush_logs = "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS".to_string();
-    match f.flavor {
-        Flavor::MariaDb => Plan {
+    let dialect = Dialect::of(f.flavor, f.version);
+    // On MySQL the GTID state a replica resumes from is its gtid_executed.
+    let replica_coordinates = |gtid: &str| {
+        if f.replica {
+            vec![dialect.replica_status().to_string(), gtid.to_string()]
+        } else {
+            Vec::new()
+        }
+    };
+    match dialect {
+        Dialect::MariaDb => Plan {
+            dialect,
             prepare: vec![
                 "BACKUP STAGE START".into(),
                 "BACKUP STAGE FLUSH".into(),
@@ -96,42 +173,32 @@ pub fn plan(f: &PlanFacts) -> Plan {
             } else {
                 Vec::new()
             },
-            replica_coordinates: if f.replica {
-                vec![
-                    "SHOW ALL SLAVES STATUS".into(),
-                    "SELECT @@GLOBAL.gtid_slave_pos".into(),
-                ]
-            } else {
-                Vec::new()
-            },
+            replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_slave_pos"),
             release: vec!["BACKUP STAGE END".into()],
         },
-        Flavor::Percona if f.version < (8, 0) => Plan {
+        // Percona Server 5.7's backup locks (MySQL 5.7 has none: LOCK INSTANCE is 8.0's).
+        Dialect::MySql57 => Plan {
+            dialect,
             prepare: vec!["LOCK TABLES FOR BACKUP".into()],
             block_commits: vec!["LOCK BINLOG FOR BACKUP".into()],
             sync_engine_log: vec![flush_logs],
+            // Executed_Gtid_Set is a column of SHOW MASTER STATUS here.
             binlog_coordinates: if f.binlog {
-                vec![
-                    "SHOW MASTER STATUS".into(),
-                    "SELECT @@GLOBAL.gtid_executed".into(),
-                ]
+                vec!["SHOW MASTER STATUS".into()]
             } else {
                 Vec::new()
             },
-            replica_coordinates: if f.replica {
-                vec!["SHOW SLAVE STATUS".into()]
-            } else {
-                Vec::new()
-            },
+            replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
             release: vec!["UNLOCK BINLOG".into(), "UNLOCK TABLES".into()],
         },
         // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but not
         // commits; a read lock blocks commits, taken only when tables of other engines
         // need it. Otherwise performance_schema.log_status gives the binlog position and
         // the redo LSN as one consistent snapshot.
-        Flavor::MySql | Flavor::Percona => {
+        Dialect::MySql8 => {
             let read_lock = f.non_innodb_tables;
             Plan {
+                dialect,
                 prepare: vec!["LOCK INSTANCE FOR BACKUP".into()],
                 block_commits: if read_lock {
                     vec!["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK".into()]
@@ -144,11 +211,7 @@ pub fn plan(f: &PlanFacts) -> Plan {
                 } else {
                     Vec::new()
                 },
-                replica_coordinates: if f.replica {
-                    vec!["SHOW REPLICA STATUS".into()]
-                } else {
-                    Vec::new()
-                },
+                replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
                 release: if read_lock {
                     vec!["UNLOCK TABLES".into(), "UNLOCK INSTANCE".into()]
                 } else {
@@ -225,7 +288,10 @@ mod tests {
             ]
         );
         assert!(zero.binlog_coordinates.is_empty());
-        assert_eq!(zero.replica_coordinates[0], "SHOW ALL SLAVES STATUS");
+        assert_eq!(
+            zero.replica_coordinates,
+            ["SHOW ALL SLAVES STATUS", "SELECT @@GLOBAL.gtid_slave_pos"]
+        );
     }
 
     #[test]
@@ -234,6 +300,15 @@ mod tests {
         assert_eq!(p.prepare, ["LOCK TABLES FOR BACKUP"]);
         assert_eq!(p.block_commits, ["LOCK BINLOG FOR BACKUP"]);
         assert_eq!(p.release, ["UNLOCK BINLOG", "UNLOCK TABLES"]);
+        assert_eq!(p.binlog_coordinates, ["SHOW MASTER STATUS"]);
+        let replica = plan(&PlanFacts {
+            replica: true,
+            ..facts(Flavor::Percona, (5, 7))
+        });
+        assert_eq!(
+            replica.replica_coordinates,
+            ["SHOW SLAVE STATUS", "SELECT @@GLOBAL.gtid_executed"]
+        );
     }
 
     #[test]
@@ -257,7 +332,52 @@ mod tests {
                 ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
             );
             assert_eq!(myisam.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
-            assert_eq!(myisam.replica_coordinates, ["SHOW REPLICA STATUS"]);
+            assert_eq!(
+                myisam.replica_coordinates,
+                ["SHOW REPLICA STATUS", "SELECT @@GLOBAL.gtid_executed"]
+            );
         }
+    }
+
+    #[test]
+    fn each_dialect_lists_replicas_and_stops_sql_threads_in_its_own_words() {
+        let d = |flavor, version| Dialect::of(flavor, version);
+        assert_eq!(d(Flavor::MariaDb, (10, 11)), Dialect::MariaDb);
+        assert_eq!(d(Flavor::Percona, (5, 7)), Dialect::MySql57);
+        assert_eq!(d(Flavor::MySql, (8, 0)), Dialect::MySql8);
+        assert_eq!(d(Flavor::Percona, (8, 0)), Dialect::MySql8);
+        for (dialect, verb, name, sql) in [
+            (
+                Dialect::MariaDb,
+                ThreadVerb::Stop,
+                "east",
+                "STOP SLAVE 'east' SQL_THREAD",
+            ),
+            (
+                Dialect::MariaDb,
+                ThreadVerb::Start,
+                "",
+                "START SLAVE '' SQL_THREAD",
+            ),
+            (
+                Dialect::MySql57,
+                ThreadVerb::Stop,
+                "",
+                "STOP SLAVE SQL_THREAD FOR CHANNEL ''",
+            ),
+            (
+                Dialect::MySql8,
+                ThreadVerb::Start,
+                "east",
+                "START REPLICA SQL_THREAD FOR CHANNEL 'east'",
+            ),
+        ] {
+            assert_eq!(dialect.sql_thread(verb, name), sql);
+        }
+        assert_eq!(
+            Dialect::MySql8.open_temp_tables(),
+            "SHOW GLOBAL STATUS LIKE 'Replica_open_temp_tables'"
+        );
+        assert_eq!(Dialect::MySql57.replica_status(), "SHOW SLAVE STATUS");
     }
 }

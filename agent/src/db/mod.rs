@@ -2,9 +2,12 @@
 //! files, the password never required on the command line), the server's flavor and
 //! facts, and each flavor's statement plan for the validity point.
 
+pub mod coordinates;
 pub mod flavor;
 pub mod optfile;
 pub mod server;
+#[cfg(test)]
+pub(crate) mod transcript;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -236,14 +239,25 @@ impl Db {
             },
         }
     }
+}
 
+/// The calls the backup makes on a connection, so that its protocol runs the same
+/// against a server (`Db`) and against a recorded transcript in the tests.
+pub trait Sql {
     /// Runs a statement that returns no rows (or whose rows are not wanted).
-    pub fn exec(&mut self, sql: &str) -> Result<(), DbError> {
+    fn exec(&mut self, sql: &str) -> Result<(), DbError>;
+    /// Every row of a query, by column name.
+    fn rows(&mut self, sql: &str) -> Result<Vec<Row>, DbError>;
+    /// The first column of the first row (None for no row or NULL).
+    fn value(&mut self, sql: &str) -> Result<Option<String>, DbError>;
+}
+
+impl Sql for Db {
+    fn exec(&mut self, sql: &str) -> Result<(), DbError> {
         self.conn.query_drop(sql).map_err(|e| Self::err(sql, e))
     }
 
-    /// Every row of a query, by column name.
-    pub fn rows(&mut self, sql: &str) -> Result<Vec<Row>, DbError> {
+    fn rows(&mut self, sql: &str) -> Result<Vec<Row>, DbError> {
         let rows: Vec<mysql::Row> = self.conn.query(sql).map_err(|e| Self::err(sql, e))?;
         Ok(rows
             .into_iter()
@@ -262,8 +276,7 @@ impl Db {
             .collect())
     }
 
-    /// The first column of the first row (None for no row or NULL).
-    pub fn value(&mut self, sql: &str) -> Result<Option<String>, DbError> {
+    fn value(&mut self, sql: &str) -> Result<Option<String>, DbError> {
         let row: Option<mysql::Row> = self.conn.query_first(sql).map_err(|e| Self::err(sql, e))?;
         Ok(row
             .and_then(|r| r.unwrap().into_iter().next())

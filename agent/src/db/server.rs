@@ -1,13 +1,12 @@
 //! What the backup needs to know about the server: its flavor and settings (the paths
-//! the image must hold, what recovery depends on), the privileges the plan needs, and
-//! the coordinates read at the validity point.
+//! the image must hold, what recovery depends on) and the privileges the plan needs.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::flavor::{self, Flavor};
-use super::{Db, DbError, Row};
+use super::flavor::{self, Dialect, Flavor};
+use super::{DbError, Sql};
 
 /// The server as it describes itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,11 +45,11 @@ const IMAGE_SETTINGS: &[&str] = &[
 ];
 
 impl ServerFacts {
-    pub fn read(db: &mut Db) -> Result<ServerFacts, DbError> {
+    pub fn read<S: Sql>(db: &mut S) -> Result<ServerFacts, DbError> {
         let version = db.value("SELECT @@version")?.unwrap_or_default();
         let comment = db.value("SELECT @@version_comment")?.unwrap_or_default();
         let flavor = Flavor::detect(&version, &comment);
-        let var = |db: &mut Db, name: &str| -> Result<Option<String>, DbError> {
+        let var = |db: &mut S, name: &str| -> Result<Option<String>, DbError> {
             // Variables a flavor lacks read as None.
             match db.value(&format!("SELECT @@GLOBAL.{name}")) {
                 Ok(v) => Ok(v),
@@ -141,49 +140,101 @@ fn resolve(datadir: &Path, value: &str) -> PathBuf {
 pub struct Needed {
     /// Names that satisfy it (any one), as SHOW GRANTS spells them.
     pub any_of: &'static [&'static str],
+    /// Where: `None` on every database (`*.*`); or one table (`schema.table`), which a
+    /// grant on its schema or on `*.*` also gives.
+    pub on: Option<(&'static str, &'static str)>,
     pub why: &'static str,
 }
 
-/// The privileges a MariaDB backup needs with these facts and options.
+/// A privilege needed on `*.*`.
+fn global(any_of: &'static [&'static str], why: &'static str) -> Needed {
+    Needed {
+        any_of,
+        on: None,
+        why,
+    }
+}
+
+/// The privileges a backup needs with these facts and options: those of the flavor's
+/// statement plan (`flavor::plan`) and replica handling.
 pub fn needed_privileges(facts: &ServerFacts, replica: bool, safe_slave: bool) -> Vec<Needed> {
-    let mut out = vec![
-        Needed {
-            any_of: &["RELOAD"],
-            why: "BACKUP STAGE and FLUSH ENGINE LOGS",
-        },
-        Needed {
-            any_of: &["PROCESS"],
-            why: "naming the statement that blocks a backup stage",
-        },
-    ];
+    let dialect = Dialect::of(facts.flavor, facts.version_pair());
+    let mut out = match dialect {
+        Dialect::MariaDb => vec![global(&["RELOAD"], "BACKUP STAGE and FLUSH ENGINE LOGS")],
+        Dialect::MySql57 => vec![
+            global(&["RELOAD"], "the backup locks and FLUSH ENGINE LOGS"),
+            global(
+                &["LOCK TABLES"],
+                "LOCK TABLES FOR BACKUP and LOCK BINLOG FOR BACKUP",
+            ),
+        ],
+        Dialect::MySql8 => vec![
+            global(
+                &["BACKUP_ADMIN"],
+                "LOCK INSTANCE FOR BACKUP and performance_schema.log_status",
+            ),
+            global(
+                &["RELOAD"],
+                "FLUSH ENGINE LOGS (and FLUSH TABLES WITH READ LOCK)",
+            ),
+        ],
+    };
+    out.push(global(
+        &["PROCESS"],
+        "naming the statement that blocks a backup stage",
+    ));
     if facts.log_bin {
-        out.push(Needed {
-            any_of: &["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"],
-            why: "reading the binlog position (SHOW MASTER STATUS)",
+        out.push(match dialect {
+            Dialect::MariaDb => global(
+                &["BINLOG MONITOR", "REPLICATION CLIENT", "SUPER"],
+                "reading the binlog position (SHOW MASTER STATUS)",
+            ),
+            Dialect::MySql57 => global(
+                &["REPLICATION CLIENT", "SUPER"],
+                "reading the binlog position (SHOW MASTER STATUS)",
+            ),
+            Dialect::MySql8 => Needed {
+                any_of: &["SELECT"],
+                on: Some(("performance_schema", "log_status")),
+                why: "reading the binlog position (performance_schema.log_status)",
+            },
         });
     }
     if replica {
-        out.push(Needed {
-            any_of: &[
-                "SLAVE MONITOR",
-                "REPLICA MONITOR",
-                "REPLICATION CLIENT",
-                "SUPER",
-            ],
-            why: "reading the replication coordinates (SHOW ALL SLAVES STATUS)",
+        out.push(match dialect {
+            Dialect::MariaDb => global(
+                &[
+                    "SLAVE MONITOR",
+                    "REPLICA MONITOR",
+                    "REPLICATION CLIENT",
+                    "SUPER",
+                ],
+                "reading the replication coordinates (SHOW ALL SLAVES STATUS)",
+            ),
+            Dialect::MySql57 => global(
+                &["REPLICATION CLIENT", "SUPER"],
+                "reading the replication coordinates (SHOW SLAVE STATUS)",
+            ),
+            Dialect::MySql8 => global(
+                &["REPLICATION CLIENT", "SUPER"],
+                "reading the replication coordinates (SHOW REPLICA STATUS)",
+            ),
         });
     }
     if safe_slave {
-        out.push(Needed {
-            any_of: &["REPLICATION SLAVE ADMIN", "SUPER"],
-            why: "stopping and starting the SQL threads (--safe-slave-backup)",
+        let why = "stopping and starting the SQL threads (--safe-slave-backup)";
+        out.push(match dialect {
+            Dialect::MariaDb => global(&["REPLICATION SLAVE ADMIN", "SUPER"], why),
+            Dialect::MySql57 => global(&["SUPER"], why),
+            Dialect::MySql8 => global(&["REPLICATION_SLAVE_ADMIN", "SUPER"], why),
         });
     }
-    if facts.flush_log_at_trx_commit == 0 {
-        out.push(Needed {
-            any_of: &["SUPER"],
-            why: "raising innodb_flush_log_at_trx_commit from 0 for one log write at the validity point",
-        });
+    // Only MariaDB's plan raises the setting (flavor::plan).
+    if dialect == Dialect::MariaDb && facts.flush_log_at_trx_commit == 0 {
+        out.push(global(
+            &["SUPER"],
+            "raising innodb_flush_log_at_trx_commit from 0 for one log write at the validity point",
+        ));
     }
     out
 }
@@ -191,114 +242,46 @@ pub fn needed_privileges(facts: &ServerFacts, replica: bool, safe_slave: bool) -
 /// The privileges in `needed` that `grants` (the lines of SHOW GRANTS FOR
 /// CURRENT_USER()) do not give, each with its GRANT statement.
 pub fn missing_privileges(grants: &[String], needed: &[Needed]) -> Vec<String> {
-    let global: Vec<String> = grants
+    // (object, privileges) of each `GRANT privileges ON object TO ...` line.
+    let granted: Vec<(String, Vec<String>)> = grants
         .iter()
-        .filter(|g| g.contains(" ON *.* "))
-        .map(|g| g.to_ascii_uppercase())
+        .filter_map(|g| {
+            let g = g.to_ascii_uppercase();
+            let (privileges, rest) = g.strip_prefix("GRANT ")?.split_once(" ON ")?;
+            let object = rest.split(" TO ").next()?.trim().replace('`', "");
+            let privileges = privileges.split(',').map(|p| p.trim().to_string());
+            Some((object, privileges.collect()))
+        })
         .collect();
-    let has = |p: &str| {
-        global.iter().any(|g| {
-            g.starts_with("GRANT ALL PRIVILEGES ON *.*")
-                || g.split(" ON *.*")
-                    .next()
-                    .unwrap_or("")
-                    .trim_start_matches("GRANT ")
-                    .split(',')
-                    .any(|x| x.trim() == p)
+    let has = |n: &Needed, p: &str| {
+        let objects = match n.on {
+            None => vec!["*.*".to_string()],
+            Some((schema, table)) => vec![
+                "*.*".to_string(),
+                format!("{schema}.*").to_ascii_uppercase(),
+                format!("{schema}.{table}").to_ascii_uppercase(),
+            ],
+        };
+        granted.iter().any(|(object, privileges)| {
+            objects.contains(object)
+                && privileges
+                    .iter()
+                    .any(|x| x == p || x == "ALL PRIVILEGES" || x == "ALL")
         })
     };
     needed
         .iter()
-        .filter(|n| !n.any_of.iter().any(|p| has(p)))
+        .filter(|n| !n.any_of.iter().any(|p| has(n, p)))
         .map(|n| {
+            let on = n.on.map_or("*.*".to_string(), |(schema, table)| {
+                format!("{schema}.{table}")
+            });
             format!(
-                "{} (for {}): GRANT {} ON *.* TO <user>",
+                "{} (for {}): GRANT {} ON {on} TO <user>",
                 n.any_of[0], n.why, n.any_of[0]
             )
         })
         .collect()
-}
-
-/// The binlog position at the validity point.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct BinlogPosition {
-    pub file: String,
-    pub position: u64,
-    pub gtid: String,
-}
-
-impl BinlogPosition {
-    /// `FILE<TAB>POS<TAB>GTID`, the layout of mariabackup's `xtrabackup_binlog_info`.
-    pub fn info_line(&self) -> String {
-        format!("{}\t{}\t{}\n", self.file, self.position, self.gtid)
-    }
-}
-
-/// One replication connection of a replica at the validity point.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ReplicaConnection {
-    /// Empty for the default connection.
-    pub name: String,
-    pub source_host: String,
-    pub source_port: u16,
-    /// `No`, `Slave_Pos` or `Current_Pos`.
-    pub using_gtid: String,
-    /// The source's binlog coordinates of the last executed event.
-    pub exec_file: String,
-    pub exec_position: u64,
-    pub sql_running: bool,
-    pub io_running: bool,
-}
-
-impl ReplicaConnection {
-    pub fn from_row(row: &Row) -> ReplicaConnection {
-        let get = |k: &str| row.get(k).cloned().flatten().unwrap_or_default();
-        ReplicaConnection {
-            name: get("Connection_name"),
-            source_host: get("Master_Host"),
-            source_port: get("Master_Port").parse().unwrap_or(3306),
-            using_gtid: get("Using_Gtid"),
-            exec_file: get("Relay_Master_Log_File"),
-            exec_position: get("Exec_Master_Log_Pos").parse().unwrap_or(0),
-            sql_running: get("Slave_SQL_Running") == "Yes",
-            io_running: get("Slave_IO_Running") == "Yes",
-        }
-    }
-}
-
-/// `hotbackup_slave_info`: ready-to-run SQL that points a server started on the image
-/// at the backed-up replica's sources. Never a password.
-pub fn slave_info(connections: &[ReplicaConnection], gtid_slave_pos: &str) -> String {
-    let mut out = String::new();
-    let any_gtid = connections.iter().any(|c| c.using_gtid != "No");
-    if any_gtid {
-        out.push_str(&format!(
-            "SET GLOBAL gtid_slave_pos = {};\n",
-            super::quote(gtid_slave_pos)
-        ));
-    }
-    for c in connections {
-        let name = if c.name.is_empty() {
-            String::new()
-        } else {
-            format!("{} ", super::quote(&c.name))
-        };
-        let position = if c.using_gtid != "No" {
-            "MASTER_USE_GTID=slave_pos".to_string()
-        } else {
-            format!(
-                "MASTER_LOG_FILE={}, MASTER_LOG_POS={}",
-                super::quote(&c.exec_file),
-                c.exec_position
-            )
-        };
-        out.push_str(&format!(
-            "CHANGE MASTER {name}TO MASTER_HOST={}, MASTER_PORT={}, {position};\n",
-            super::quote(&c.source_host),
-            c.source_port
-        ));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -314,11 +297,10 @@ mod tests {
         assert_eq!(resolve(d, "/srv/binlog"), PathBuf::from("/srv/binlog"));
     }
 
-    #[test]
-    fn missing_privileges_are_named_with_their_grant() {
-        let facts = ServerFacts {
-            flavor: Flavor::MariaDb,
-            version: "10.11.19-MariaDB".into(),
+    fn facts(flavor: Flavor, version: &str) -> ServerFacts {
+        ServerFacts {
+            flavor,
+            version: version.into(),
             server_id: 1,
             hostname: "h".into(),
             datadir: "/d".into(),
@@ -329,7 +311,16 @@ mod tests {
             sync_binlog: 0,
             settings: vec![],
             paths: vec![],
-        };
+        }
+    }
+
+    fn lines(grants: &[&str]) -> Vec<String> {
+        grants.iter().map(|g| g.to_string()).collect()
+    }
+
+    #[test]
+    fn missing_privileges_are_named_with_their_grant() {
+        let facts = facts(Flavor::MariaDb, "10.11.19-MariaDB");
         let needed = needed_privileges(&facts, true, false);
         let grants = vec![
             "GRANT RELOAD, PROCESS ON *.* TO `bk`@`localhost`".to_string(),
@@ -347,36 +338,45 @@ mod tests {
     }
 
     #[test]
-    fn slave_info_is_sql_per_connection_without_passwords() {
-        let conns = vec![
-            ReplicaConnection {
-                name: String::new(),
-                source_host: "10.0.0.1".into(),
-                source_port: 3306,
-                using_gtid: "Slave_Pos".into(),
-                exec_file: "bin.000003".into(),
-                exec_position: 1234,
-                sql_running: true,
-                io_running: true,
-            },
-            ReplicaConnection {
-                name: "east".into(),
-                source_host: "db'east".into(),
-                source_port: 3307,
-                using_gtid: "No".into(),
-                exec_file: "east-bin.000009".into(),
-                exec_position: 42,
-                sql_running: false,
-                io_running: true,
-            },
+    fn mysql_8_needs_backup_admin_and_log_status_a_table_grant_gives() {
+        let needed = needed_privileges(&facts(Flavor::MySql, "8.0.36"), true, true);
+        let grants = [
+            "GRANT RELOAD, PROCESS, REPLICATION CLIENT ON *.* TO `bk`@`%`",
+            "GRANT BACKUP_ADMIN,REPLICATION_SLAVE_ADMIN ON *.* TO `bk`@`%`",
+            "GRANT SELECT ON `performance_schema`.`log_status` TO `bk`@`%`",
         ];
-        let sql = slave_info(&conns, "0-1-100,1-2-7");
+        assert!(missing_privileges(&lines(&grants), &needed).is_empty());
+        let missing = missing_privileges(&lines(&grants[..2]), &needed);
         assert_eq!(
-            sql,
-            "SET GLOBAL gtid_slave_pos = '0-1-100,1-2-7';\n\
-             CHANGE MASTER TO MASTER_HOST='10.0.0.1', MASTER_PORT=3306, MASTER_USE_GTID=slave_pos;\n\
-             CHANGE MASTER 'east' TO MASTER_HOST='db''east', MASTER_PORT=3307, MASTER_LOG_FILE='east-bin.000009', MASTER_LOG_POS=42;\n"
+            missing,
+            [
+                "SELECT (for reading the binlog position (performance_schema.log_status)): GRANT SELECT ON performance_schema.log_status TO <user>"
+            ]
         );
-        assert!(!sql.to_ascii_uppercase().contains("PASSWORD"));
+        let missing = missing_privileges(&lines(&[grants[0], grants[2]]), &needed);
+        assert!(missing[0].starts_with("BACKUP_ADMIN (for LOCK INSTANCE FOR BACKUP"));
+        assert!(missing[1].contains("GRANT REPLICATION_SLAVE_ADMIN ON *.*"));
+        // MySQL 8's root: static privileges listed, dynamic ones on a line of their own.
+        let root = [
+            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, RELOAD, SHUTDOWN, PROCESS, FILE, REFERENCES, INDEX, ALTER, SHOW DATABASES, SUPER, CREATE TEMPORARY TABLES, LOCK TABLES, EXECUTE, REPLICATION SLAVE, REPLICATION CLIENT, CREATE VIEW, SHOW VIEW, CREATE ROUTINE, ALTER ROUTINE, CREATE USER, EVENT, TRIGGER, CREATE TABLESPACE, CREATE ROLE, DROP ROLE ON *.* TO `root`@`localhost` WITH GRANT OPTION",
+            "GRANT APPLICATION_PASSWORD_ADMIN,AUDIT_ABORT_EXEMPT,AUDIT_ADMIN,AUTHENTICATION_POLICY_ADMIN,BACKUP_ADMIN,BINLOG_ADMIN,BINLOG_ENCRYPTION_ADMIN,CLONE_ADMIN,CONNECTION_ADMIN,REPLICATION_SLAVE_ADMIN,SYSTEM_VARIABLES_ADMIN ON *.* TO `root`@`localhost` WITH GRANT OPTION",
+            "GRANT PROXY ON ``@`` TO `root`@`localhost` WITH GRANT OPTION",
+        ];
+        assert!(missing_privileges(&lines(&root), &needed).is_empty());
+    }
+
+    #[test]
+    fn percona_57_needs_reload_and_lock_tables_for_its_backup_locks() {
+        let needed = needed_privileges(&facts(Flavor::Percona, "5.7.44-48-log"), true, false);
+        let grants = ["GRANT RELOAD, PROCESS, REPLICATION CLIENT ON *.* TO 'bk'@'%'"];
+        let missing = missing_privileges(&lines(&grants), &needed);
+        assert_eq!(
+            missing,
+            [
+                "LOCK TABLES (for LOCK TABLES FOR BACKUP and LOCK BINLOG FOR BACKUP): GRANT LOCK TABLES ON *.* TO <user>"
+            ]
+        );
+        let grants = ["GRANT RELOAD, LOCK TABLES, PROCESS, REPLICATION CLIENT ON *.* TO 'bk'@'%'"];
+        assert!(missing_privileges(&lines(&grants), &needed).is_empty());
     }
 }
