@@ -335,7 +335,19 @@ fn my_cnf(facts: &ServerFacts) -> String {
          {group}\n",
     );
     for (name, value) in &facts.settings {
+        // Read-only variables that name what an option sets: the file must be usable
+        // as an option file (`--defaults-extra-file`), so it holds the option.
+        let name = match name.as_str() {
+            "log_bin_basename" => "log_bin",
+            other => other,
+        };
         out.push_str(&format!("{name} = {value}\n"));
+    }
+    // The directories recovery reads, resolved (the restore moves them with the image).
+    for (name, path) in &facts.paths {
+        if name != "datadir" && name != "log_bin_basename" {
+            out.push_str(&format!("{name} = {}\n", path.display()));
+        }
     }
     out
 }
@@ -370,4 +382,47 @@ fn read_configs(paths: &[PathBuf]) -> Result<Vec<ExtraFile>, BackupError> {
         out.push(ExtraFile { name, contents });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_file_names_options_a_server_accepts() {
+        let facts = ServerFacts {
+            flavor: Flavor::MariaDb,
+            version: "10.11.19-MariaDB".into(),
+            server_id: 1,
+            hostname: "h".into(),
+            datadir: "/srv/db".into(),
+            log_bin: true,
+            log_bin_basename: Some("/srv/db/bin".into()),
+            binlog_format: "ROW".into(),
+            flush_log_at_trx_commit: 1,
+            sync_binlog: 0,
+            settings: vec![
+                ("innodb_page_size".into(), "16384".into()),
+                ("log_bin_basename".into(), "/srv/db/bin".into()),
+                ("log_bin_index".into(), "/srv/db/bin.index".into()),
+            ],
+            paths: vec![
+                ("datadir".into(), "/srv/db".into()),
+                ("log_bin_basename".into(), "/srv/db".into()),
+                ("innodb_log_group_home_dir".into(), "/srv/db".into()),
+            ],
+        };
+        let text = my_cnf(&facts);
+        assert!(text.contains("[mariadbd]\n"), "{text}");
+        assert!(text.contains("\nlog_bin = /srv/db/bin\n"), "{text}");
+        assert!(
+            text.contains("\nlog_bin_index = /srv/db/bin.index\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ninnodb_log_group_home_dir = /srv/db\n"),
+            "{text}"
+        );
+        assert!(!text.contains("basename"), "{text}");
+    }
 }

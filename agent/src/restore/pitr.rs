@@ -483,7 +483,7 @@ fn lines_up(image: &Image, start: &BinlogCoordinates, replay: &Path) -> Result<(
     let basename = image
         .settings()
         .into_iter()
-        .find(|(k, _)| k == "log_bin_basename")
+        .find(|(k, _)| k == "log_bin" || k == "log_bin_basename")
         .map(|(_, v)| PathBuf::from(v));
     let own = basename
         .and_then(|b| {

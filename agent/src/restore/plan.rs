@@ -252,7 +252,7 @@ fn config_text(
     for (name, value) in settings {
         let path = || map(Path::new(value)).unwrap_or_else(|| PathBuf::from(value));
         match name.as_str() {
-            "log_bin_basename" => out.push_str(&format!("log-bin = {}\n", path().display())),
+            "log_bin_basename" | "log_bin" => out.push_str(&format!("log-bin = {}\n", path().display())),
             "log_bin_index" => out.push_str(&format!("log-bin-index = {}\n", path().display())),
             "server_id" => out.push_str(&format!(
                 "# server_id = {value} was the backed-up server's; give this server its own unless it replaces it\n"
