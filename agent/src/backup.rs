@@ -222,7 +222,6 @@ pub fn run(
         flavor: facts.flavor,
         version: facts.version_pair(),
         flush_log_at_trx_commit: facts.flush_log_at_trx_commit,
-        non_innodb_tables: false,
         binlog: facts.log_bin,
         replica: is_replica,
     });

@@ -104,8 +104,6 @@ pub struct PlanFacts {
     pub version: (u32, u32),
     /// `innodb_flush_log_at_trx_commit`.
     pub flush_log_at_trx_commit: u8,
-    /// Tables of engines other than InnoDB exist (MySQL 8 then needs a read lock).
-    pub non_innodb_tables: bool,
     pub binlog: bool,
     pub replica: bool,
 }
@@ -176,47 +174,50 @@ pub fn plan(f: &PlanFacts) -> Plan {
             replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_slave_pos"),
             release: vec!["BACKUP STAGE END".into()],
         },
-        // Percona Server 5.7's backup locks (MySQL 5.7 has none: LOCK INSTANCE is 8.0's).
-        Dialect::MySql57 => Plan {
-            dialect,
-            prepare: vec!["LOCK TABLES FOR BACKUP".into()],
-            block_commits: vec!["LOCK BINLOG FOR BACKUP".into()],
-            sync_engine_log: vec![flush_logs],
-            // Executed_Gtid_Set is a column of SHOW MASTER STATUS here.
-            binlog_coordinates: if f.binlog {
-                vec!["SHOW MASTER STATUS".into()]
-            } else {
-                Vec::new()
-            },
-            replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
-            release: vec!["UNLOCK BINLOG".into(), "UNLOCK TABLES".into()],
-        },
-        // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but not
-        // commits; a read lock blocks commits, taken only when tables of other engines
-        // need it. Otherwise performance_schema.log_status gives the binlog position and
-        // the redo LSN as one consistent snapshot.
-        Dialect::MySql8 => {
-            let read_lock = f.non_innodb_tables;
+        // A lock that waits for DDL, then one that blocks commits, each with its release.
+        Dialect::MySql57 | Dialect::MySql8 => {
+            let ((ddl, unlock_ddl), (commits, unlock_commits), binlog) =
+                if dialect == Dialect::MySql57 {
+                    // Percona Server 5.7's backup locks (MySQL 5.7 has none: LOCK INSTANCE
+                    // is 8.0's); Executed_Gtid_Set is a column of SHOW MASTER STATUS here.
+                    (
+                        ("LOCK TABLES FOR BACKUP", "UNLOCK TABLES"),
+                        ("LOCK BINLOG FOR BACKUP", "UNLOCK BINLOG"),
+                        "SHOW MASTER STATUS",
+                    )
+                } else {
+                    // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but
+                    // not commits, so a read lock blocks them, whatever the engines. The
+                    // validity point is the capture stop, not the log_status snapshot:
+                    // log_status gives the binlog position, GTID set and redo LSN
+                    // consistent with each other at the instant it is read, but a commit
+                    // between that read and the stop would still reach the image, which
+                    // would then be past the recorded position. The read lock holds
+                    // commits from before the coordinates are read until after the stop
+                    // (taken after the copy phase, its wait bounded by lock_wait_timeout
+                    // like every stage's).
+                    (
+                        ("LOCK INSTANCE FOR BACKUP", "UNLOCK INSTANCE"),
+                        (
+                            "FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK",
+                            "UNLOCK TABLES",
+                        ),
+                        "SELECT LOCAL FROM performance_schema.log_status",
+                    )
+                };
             Plan {
                 dialect,
-                prepare: vec!["LOCK INSTANCE FOR BACKUP".into()],
-                block_commits: if read_lock {
-                    vec!["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK".into()]
-                } else {
-                    Vec::new()
-                },
+                prepare: vec![ddl.into()],
+                block_commits: vec![commits.into()],
                 sync_engine_log: vec![flush_logs],
                 binlog_coordinates: if f.binlog {
-                    vec!["SELECT LOCAL FROM performance_schema.log_status".into()]
+                    vec![binlog.into()]
                 } else {
                     Vec::new()
                 },
                 replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
-                release: if read_lock {
-                    vec!["UNLOCK TABLES".into(), "UNLOCK INSTANCE".into()]
-                } else {
-                    vec!["UNLOCK INSTANCE".into()]
-                },
+                // Released in the reverse order of taking: commits first.
+                release: vec![unlock_commits.into(), unlock_ddl.into()],
             }
         }
     }
@@ -231,7 +232,6 @@ mod tests {
             flavor,
             version,
             flush_log_at_trx_commit: 1,
-            non_innodb_tables: false,
             binlog: true,
             replica: false,
         }
@@ -312,30 +312,56 @@ mod tests {
     }
 
     #[test]
-    fn mysql_8_takes_a_read_lock_only_for_non_innodb_tables() {
+    fn mysql_8_always_blocks_commits_with_a_read_lock_until_after_the_stop() {
         for flavor in [Flavor::MySql, Flavor::Percona] {
-            let p = plan(&facts(flavor, (8, 0)));
-            assert_eq!(p.prepare, ["LOCK INSTANCE FOR BACKUP"]);
-            assert!(p.block_commits.is_empty());
-            assert_eq!(
-                p.binlog_coordinates,
-                ["SELECT LOCAL FROM performance_schema.log_status"]
-            );
-            assert_eq!(p.release, ["UNLOCK INSTANCE"]);
-            let myisam = plan(&PlanFacts {
-                non_innodb_tables: true,
+            for replica in [false, true] {
+                let p = plan(&PlanFacts {
+                    replica,
+                    ..facts(flavor, (8, 0))
+                });
+                assert_eq!(p.prepare, ["LOCK INSTANCE FOR BACKUP"]);
+                // InnoDB-only tables too: LOCK INSTANCE FOR BACKUP lets commits through.
+                assert_eq!(
+                    p.block_commits,
+                    ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
+                );
+                assert_eq!(
+                    p.binlog_coordinates,
+                    ["SELECT LOCAL FROM performance_schema.log_status"]
+                );
+                assert_eq!(p.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
+            }
+            let replica = plan(&PlanFacts {
                 replica: true,
                 ..facts(flavor, (8, 0))
             });
             assert_eq!(
-                myisam.block_commits,
-                ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
-            );
-            assert_eq!(myisam.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
-            assert_eq!(
-                myisam.replica_coordinates,
+                replica.replica_coordinates,
                 ["SHOW REPLICA STATUS", "SELECT @@GLOBAL.gtid_executed"]
             );
+        }
+    }
+
+    /// The image is taken at the capture stop, after the coordinates are read: every
+    /// flavor's plan must block commits before reading them and release only after.
+    #[test]
+    fn every_plan_blocks_commits_from_before_the_coordinates_to_the_release() {
+        for (flavor, version) in [
+            (Flavor::MariaDb, (10, 11)),
+            (Flavor::Percona, (5, 7)),
+            (Flavor::MySql, (8, 0)),
+            (Flavor::Percona, (8, 0)),
+        ] {
+            for (binlog, replica) in [(true, false), (false, true), (true, true)] {
+                let p = plan(&PlanFacts {
+                    binlog,
+                    replica,
+                    ..facts(flavor, version)
+                });
+                let at = format!("{flavor:?} {version:?}");
+                assert!(!p.block_commits.is_empty(), "{at}: commits never blocked");
+                assert!(!p.release.is_empty(), "{at}: nothing released");
+            }
         }
     }
 
