@@ -23,15 +23,64 @@ impl Flavor {
             Flavor::MySql
         }
     }
+
+    /// The server's name as its vendor spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::MariaDb => "MariaDB",
+            Flavor::MySql => "MySQL",
+            Flavor::Percona => "Percona Server",
+        }
+    }
 }
 
-/// `major.minor` of a version string such as `10.11.19-MariaDB-0+deb12u1`.
-pub fn major_minor(version: &str) -> (u32, u32) {
+/// `major.minor.patch` of a version string such as `10.11.19-MariaDB-0+deb12u1` or
+/// `8.0.35-27` (a missing part is 0).
+pub fn version_triple(version: &str) -> (u32, u32, u32) {
     let mut parts = version
         .split(|c: char| !c.is_ascii_digit())
         .filter(|p| !p.is_empty())
         .map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    let mut next = || parts.next().unwrap_or(0);
+    (next(), next(), next())
+}
+
+/// `major.minor` of a version string.
+pub fn major_minor(version: &str) -> (u32, u32) {
+    let (major, minor, _) = version_triple(version);
+    (major, minor)
+}
+
+/// The servers whose statements the plans use.
+const SUPPORTED: &str =
+    "MariaDB 10.4 and later, MySQL and Percona Server 8.0.23 and later, and Percona Server 5.7";
+
+/// Whether the plan of `flavor` runs on this server `version` (`@@version`): each plan's
+/// statements need a release that has them. Refused, one sentence naming the version and
+/// what is supported.
+pub fn supported(flavor: Flavor, version: &str) -> Result<(), String> {
+    let v = version_triple(version);
+    let missing = match flavor {
+        Flavor::MariaDb if v < (10, 4, 0) => "BACKUP STAGE (MariaDB 10.4)",
+        // Percona Server 5.7 adds its backup locks to MySQL 5.7; MySQL 5.7 has none.
+        Flavor::MySql if v < (8, 0, 0) => "backup locks (LOCK INSTANCE FOR BACKUP, MySQL 8.0)",
+        // Replication channels, which the 5.7 plan names.
+        Flavor::Percona if v < (5, 7, 0) => "replication channels (5.7)",
+        // The 8.0 plan lists replicas with SHOW REPLICA STATUS and stops their SQL
+        // threads with STOP REPLICA (8.0.22), and writes CHANGE REPLICATION SOURCE TO
+        // into hotbackup_slave_info (8.0.23).
+        Flavor::MySql | Flavor::Percona if ((8, 0, 0)..(8, 0, 22)).contains(&v) => {
+            "SHOW REPLICA STATUS (8.0.22) and CHANGE REPLICATION SOURCE TO (8.0.23)"
+        }
+        Flavor::MySql | Flavor::Percona if ((8, 0, 0)..(8, 0, 23)).contains(&v) => {
+            "CHANGE REPLICATION SOURCE TO (8.0.23)"
+        }
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "{} {version} is not supported: it lacks {missing}, which the backup uses; supported are {SUPPORTED}",
+        flavor.name()
+    ))
 }
 
 /// How a flavor's SQL speaks of replication, and where it reports coordinates.
@@ -256,6 +305,50 @@ mod tests {
         );
         assert_eq!(major_minor("10.11.19-MariaDB-0+deb12u1"), (10, 11));
         assert_eq!(major_minor("5.7.44-48-log"), (5, 7));
+        assert_eq!(version_triple("10.11.19-MariaDB-0+deb12u1"), (10, 11, 19));
+        assert_eq!(version_triple("8.0.35-27"), (8, 0, 35));
+        assert_eq!(version_triple("8.0.22"), (8, 0, 22));
+        assert_eq!(version_triple("8.4"), (8, 4, 0));
+    }
+
+    #[test]
+    fn servers_without_the_plans_statements_are_refused_by_version() {
+        for (flavor, version) in [
+            (Flavor::MariaDb, "10.11.19-MariaDB-0+deb12u1"),
+            (Flavor::MariaDb, "10.4.34-MariaDB-log"),
+            (Flavor::MariaDb, "11.4.2-MariaDB-log"),
+            (Flavor::Percona, "5.7.44-48-log"),
+            (Flavor::MySql, "8.0.23"),
+            (Flavor::MySql, "8.0.36"),
+            (Flavor::MySql, "8.4.0"),
+            (Flavor::Percona, "8.0.23-14"),
+            (Flavor::Percona, "8.0.35-27"),
+        ] {
+            assert_eq!(supported(flavor, version), Ok(()), "{flavor:?} {version}");
+        }
+        for (flavor, version, lacks) in [
+            (Flavor::MariaDb, "10.3.39-MariaDB-0+deb10u2", "BACKUP STAGE"),
+            (Flavor::MariaDb, "5.5.68-MariaDB", "BACKUP STAGE"),
+            (Flavor::MySql, "5.7.44-log", "backup locks"),
+            (Flavor::MySql, "5.6.51", "backup locks"),
+            (Flavor::Percona, "5.6.51-91.0", "replication channels"),
+            (Flavor::MySql, "8.0.21", "SHOW REPLICA STATUS"),
+            (Flavor::MySql, "8.0.22", "CHANGE REPLICATION SOURCE TO"),
+            (Flavor::Percona, "8.0.22-13", "CHANGE REPLICATION SOURCE TO"),
+            (Flavor::Percona, "8.0.19-10", "SHOW REPLICA STATUS"),
+        ] {
+            let refusal = supported(flavor, version).expect_err(version);
+            assert!(
+                refusal.starts_with(&format!("{} {version} is not supported", flavor.name())),
+                "{refusal}"
+            );
+            assert!(refusal.contains(lacks), "{refusal}");
+            assert!(refusal.ends_with(SUPPORTED), "{refusal}");
+        }
+        assert_eq!(
+            supported(Flavor::MySql, "5.7.44-log").unwrap_err(),
+            "MySQL 5.7.44-log is not supported: it lacks backup locks (LOCK INSTANCE FOR BACKUP, MySQL 8.0), which the backup uses; supported are MariaDB 10.4 and later, MySQL and Percona Server 8.0.23 and later, and Percona Server 5.7"
+        );
     }
 
     #[test]
