@@ -159,10 +159,12 @@ pub fn run(
     let configs = read_configs(&options.copy_config)?;
     let mut db = Db::connect(conn)?;
     let facts = ServerFacts::read(&mut db)?;
+    flavor::supported(facts.flavor, &facts.version).map_err(BackupError::Refused)?;
     if facts.flavor != Flavor::MariaDb {
         events(Event::Note(format!(
-            "{:?} {}: this flavor's validity point is tested against recorded server transcripts only, not against a live server",
-            facts.flavor, facts.version
+            "{} {}: this flavor's validity point is tested against recorded server transcripts only, not against a live server",
+            facts.flavor.name(),
+            facts.version
         )));
     }
     let dialect = Dialect::of(facts.flavor, facts.version_pair());
@@ -222,7 +224,6 @@ pub fn run(
         flavor: facts.flavor,
         version: facts.version_pair(),
         flush_log_at_trx_commit: facts.flush_log_at_trx_commit,
-        non_innodb_tables: false,
         binlog: facts.log_bin,
         replica: is_replica,
     });

@@ -34,7 +34,6 @@ impl CaptureStop for transcript::Capture {
 struct Setup {
     flavor: Flavor,
     version: (u32, u32),
-    non_innodb_tables: bool,
     options: BackupOptions,
 }
 
@@ -43,7 +42,6 @@ impl Setup {
         Setup {
             flavor,
             version,
-            non_innodb_tables: false,
             options: BackupOptions::default(),
         }
     }
@@ -146,7 +144,6 @@ fn play((name, recording): (&str, &str), setup: Setup) -> Played {
         flavor: setup.flavor,
         version: setup.version,
         flush_log_at_trx_commit: 1,
-        non_innodb_tables: setup.non_innodb_tables,
         binlog: true,
         replica: !replicas.is_empty(),
     });
@@ -320,7 +317,17 @@ fn mysql_80_replica_reads_log_status_and_points_a_sibling_by_auto_position() {
         recording!("mysql-8.0.36-replica-gtid"),
         Setup::new(Flavor::MySql, (8, 0)),
     );
-    played.assert_stop_between("SELECT @@GLOBAL.gtid_executed", "UNLOCK INSTANCE");
+    // InnoDB tables only, and still the read lock: commits stay blocked from before
+    // log_status is read until after the stop, the instant the image is.
+    assert_eq!(
+        played.sent_after("FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK")[..2],
+        [
+            "FLUSH NO_WRITE_TO_BINLOG ENGINE LOGS",
+            "SELECT LOCAL FROM performance_schema.log_status"
+        ]
+    );
+    played.assert_stop_between("SELECT @@GLOBAL.gtid_executed", "UNLOCK TABLES");
+    assert_eq!(played.sent_after("UNLOCK TABLES"), ["UNLOCK INSTANCE"]);
     let gtid =
         "5f2a3b1c-8e0d-11ee-b1a2-0242ac110002:1-1042,7b1c9d4e-8e0d-11ee-9f31-0242ac110003:1-17";
     assert_one_gtid_set(&played, "binlog.000012\t48213", gtid);
@@ -353,7 +360,11 @@ fn mysql_80_lost_connection_under_the_lock_still_sends_release_and_restart_and_s
     );
     assert_eq!(
         played.sent_after("SELECT LOCAL FROM performance_schema.log_status"),
-        ["UNLOCK INSTANCE", "START REPLICA SQL_THREAD FOR CHANNEL ''"]
+        [
+            "UNLOCK TABLES",
+            "UNLOCK INSTANCE",
+            "START REPLICA SQL_THREAD FOR CHANNEL ''"
+        ]
     );
     // The thread could not be started again: the operator is told how.
     assert_eq!(played.notes.len(), 2, "{:?}", played.notes);
@@ -368,10 +379,7 @@ fn mysql_80_lost_connection_under_the_lock_still_sends_release_and_restart_and_s
 fn percona_80_with_myisam_blocks_commits_with_a_read_lock_and_records_file_positions() {
     let played = play(
         recording!("percona-8.0.35-myisam-replica"),
-        Setup {
-            non_innodb_tables: true,
-            ..Setup::new(Flavor::Percona, (8, 0))
-        },
+        Setup::new(Flavor::Percona, (8, 0)),
     );
     played.assert_stop_between("SELECT @@GLOBAL.gtid_executed", "UNLOCK TABLES");
     assert_eq!(played.sent_after("UNLOCK TABLES"), ["UNLOCK INSTANCE"]);

@@ -23,15 +23,64 @@ impl Flavor {
             Flavor::MySql
         }
     }
+
+    /// The server's name as its vendor spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::MariaDb => "MariaDB",
+            Flavor::MySql => "MySQL",
+            Flavor::Percona => "Percona Server",
+        }
+    }
 }
 
-/// `major.minor` of a version string such as `10.11.19-MariaDB-0+deb12u1`.
-pub fn major_minor(version: &str) -> (u32, u32) {
+/// `major.minor.patch` of a version string such as `10.11.19-MariaDB-0+deb12u1` or
+/// `8.0.35-27` (a missing part is 0).
+pub fn version_triple(version: &str) -> (u32, u32, u32) {
     let mut parts = version
         .split(|c: char| !c.is_ascii_digit())
         .filter(|p| !p.is_empty())
         .map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    let mut next = || parts.next().unwrap_or(0);
+    (next(), next(), next())
+}
+
+/// `major.minor` of a version string.
+pub fn major_minor(version: &str) -> (u32, u32) {
+    let (major, minor, _) = version_triple(version);
+    (major, minor)
+}
+
+/// The servers whose statements the plans use.
+const SUPPORTED: &str =
+    "MariaDB 10.4 and later, MySQL and Percona Server 8.0.23 and later, and Percona Server 5.7";
+
+/// Whether the plan of `flavor` runs on this server `version` (`@@version`): each plan's
+/// statements need a release that has them. Refused, one sentence naming the version and
+/// what is supported.
+pub fn supported(flavor: Flavor, version: &str) -> Result<(), String> {
+    let v = version_triple(version);
+    let missing = match flavor {
+        Flavor::MariaDb if v < (10, 4, 0) => "BACKUP STAGE (MariaDB 10.4)",
+        // Percona Server 5.7 adds its backup locks to MySQL 5.7; MySQL 5.7 has none.
+        Flavor::MySql if v < (8, 0, 0) => "backup locks (LOCK INSTANCE FOR BACKUP, MySQL 8.0)",
+        // Replication channels, which the 5.7 plan names.
+        Flavor::Percona if v < (5, 7, 0) => "replication channels (5.7)",
+        // The 8.0 plan lists replicas with SHOW REPLICA STATUS and stops their SQL
+        // threads with STOP REPLICA (8.0.22), and writes CHANGE REPLICATION SOURCE TO
+        // into hotbackup_slave_info (8.0.23).
+        Flavor::MySql | Flavor::Percona if ((8, 0, 0)..(8, 0, 22)).contains(&v) => {
+            "SHOW REPLICA STATUS (8.0.22) and CHANGE REPLICATION SOURCE TO (8.0.23)"
+        }
+        Flavor::MySql | Flavor::Percona if ((8, 0, 0)..(8, 0, 23)).contains(&v) => {
+            "CHANGE REPLICATION SOURCE TO (8.0.23)"
+        }
+        _ => return Ok(()),
+    };
+    Err(format!(
+        "{} {version} is not supported: it lacks {missing}, which the backup uses; supported are {SUPPORTED}",
+        flavor.name()
+    ))
 }
 
 /// How a flavor's SQL speaks of replication, and where it reports coordinates.
@@ -104,8 +153,6 @@ pub struct PlanFacts {
     pub version: (u32, u32),
     /// `innodb_flush_log_at_trx_commit`.
     pub flush_log_at_trx_commit: u8,
-    /// Tables of engines other than InnoDB exist (MySQL 8 then needs a read lock).
-    pub non_innodb_tables: bool,
     pub binlog: bool,
     pub replica: bool,
 }
@@ -176,47 +223,50 @@ pub fn plan(f: &PlanFacts) -> Plan {
             replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_slave_pos"),
             release: vec!["BACKUP STAGE END".into()],
         },
-        // Percona Server 5.7's backup locks (MySQL 5.7 has none: LOCK INSTANCE is 8.0's).
-        Dialect::MySql57 => Plan {
-            dialect,
-            prepare: vec!["LOCK TABLES FOR BACKUP".into()],
-            block_commits: vec!["LOCK BINLOG FOR BACKUP".into()],
-            sync_engine_log: vec![flush_logs],
-            // Executed_Gtid_Set is a column of SHOW MASTER STATUS here.
-            binlog_coordinates: if f.binlog {
-                vec!["SHOW MASTER STATUS".into()]
-            } else {
-                Vec::new()
-            },
-            replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
-            release: vec!["UNLOCK BINLOG".into(), "UNLOCK TABLES".into()],
-        },
-        // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but not
-        // commits; a read lock blocks commits, taken only when tables of other engines
-        // need it. Otherwise performance_schema.log_status gives the binlog position and
-        // the redo LSN as one consistent snapshot.
-        Dialect::MySql8 => {
-            let read_lock = f.non_innodb_tables;
+        // A lock that waits for DDL, then one that blocks commits, each with its release.
+        Dialect::MySql57 | Dialect::MySql8 => {
+            let ((ddl, unlock_ddl), (commits, unlock_commits), binlog) =
+                if dialect == Dialect::MySql57 {
+                    // Percona Server 5.7's backup locks (MySQL 5.7 has none: LOCK INSTANCE
+                    // is 8.0's); Executed_Gtid_Set is a column of SHOW MASTER STATUS here.
+                    (
+                        ("LOCK TABLES FOR BACKUP", "UNLOCK TABLES"),
+                        ("LOCK BINLOG FOR BACKUP", "UNLOCK BINLOG"),
+                        "SHOW MASTER STATUS",
+                    )
+                } else {
+                    // MySQL 8 and Percona Server 8: LOCK INSTANCE FOR BACKUP blocks DDL but
+                    // not commits, so a read lock blocks them, whatever the engines. The
+                    // validity point is the capture stop, not the log_status snapshot:
+                    // log_status gives the binlog position, GTID set and redo LSN
+                    // consistent with each other at the instant it is read, but a commit
+                    // between that read and the stop would still reach the image, which
+                    // would then be past the recorded position. The read lock holds
+                    // commits from before the coordinates are read until after the stop
+                    // (taken after the copy phase, its wait bounded by lock_wait_timeout
+                    // like every stage's).
+                    (
+                        ("LOCK INSTANCE FOR BACKUP", "UNLOCK INSTANCE"),
+                        (
+                            "FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK",
+                            "UNLOCK TABLES",
+                        ),
+                        "SELECT LOCAL FROM performance_schema.log_status",
+                    )
+                };
             Plan {
                 dialect,
-                prepare: vec!["LOCK INSTANCE FOR BACKUP".into()],
-                block_commits: if read_lock {
-                    vec!["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK".into()]
-                } else {
-                    Vec::new()
-                },
+                prepare: vec![ddl.into()],
+                block_commits: vec![commits.into()],
                 sync_engine_log: vec![flush_logs],
                 binlog_coordinates: if f.binlog {
-                    vec!["SELECT LOCAL FROM performance_schema.log_status".into()]
+                    vec![binlog.into()]
                 } else {
                     Vec::new()
                 },
                 replica_coordinates: replica_coordinates("SELECT @@GLOBAL.gtid_executed"),
-                release: if read_lock {
-                    vec!["UNLOCK TABLES".into(), "UNLOCK INSTANCE".into()]
-                } else {
-                    vec!["UNLOCK INSTANCE".into()]
-                },
+                // Released in the reverse order of taking: commits first.
+                release: vec![unlock_commits.into(), unlock_ddl.into()],
             }
         }
     }
@@ -231,7 +281,6 @@ mod tests {
             flavor,
             version,
             flush_log_at_trx_commit: 1,
-            non_innodb_tables: false,
             binlog: true,
             replica: false,
         }
@@ -256,6 +305,50 @@ mod tests {
         );
         assert_eq!(major_minor("10.11.19-MariaDB-0+deb12u1"), (10, 11));
         assert_eq!(major_minor("5.7.44-48-log"), (5, 7));
+        assert_eq!(version_triple("10.11.19-MariaDB-0+deb12u1"), (10, 11, 19));
+        assert_eq!(version_triple("8.0.35-27"), (8, 0, 35));
+        assert_eq!(version_triple("8.0.22"), (8, 0, 22));
+        assert_eq!(version_triple("8.4"), (8, 4, 0));
+    }
+
+    #[test]
+    fn servers_without_the_plans_statements_are_refused_by_version() {
+        for (flavor, version) in [
+            (Flavor::MariaDb, "10.11.19-MariaDB-0+deb12u1"),
+            (Flavor::MariaDb, "10.4.34-MariaDB-log"),
+            (Flavor::MariaDb, "11.4.2-MariaDB-log"),
+            (Flavor::Percona, "5.7.44-48-log"),
+            (Flavor::MySql, "8.0.23"),
+            (Flavor::MySql, "8.0.36"),
+            (Flavor::MySql, "8.4.0"),
+            (Flavor::Percona, "8.0.23-14"),
+            (Flavor::Percona, "8.0.35-27"),
+        ] {
+            assert_eq!(supported(flavor, version), Ok(()), "{flavor:?} {version}");
+        }
+        for (flavor, version, lacks) in [
+            (Flavor::MariaDb, "10.3.39-MariaDB-0+deb10u2", "BACKUP STAGE"),
+            (Flavor::MariaDb, "5.5.68-MariaDB", "BACKUP STAGE"),
+            (Flavor::MySql, "5.7.44-log", "backup locks"),
+            (Flavor::MySql, "5.6.51", "backup locks"),
+            (Flavor::Percona, "5.6.51-91.0", "replication channels"),
+            (Flavor::MySql, "8.0.21", "SHOW REPLICA STATUS"),
+            (Flavor::MySql, "8.0.22", "CHANGE REPLICATION SOURCE TO"),
+            (Flavor::Percona, "8.0.22-13", "CHANGE REPLICATION SOURCE TO"),
+            (Flavor::Percona, "8.0.19-10", "SHOW REPLICA STATUS"),
+        ] {
+            let refusal = supported(flavor, version).expect_err(version);
+            assert!(
+                refusal.starts_with(&format!("{} {version} is not supported", flavor.name())),
+                "{refusal}"
+            );
+            assert!(refusal.contains(lacks), "{refusal}");
+            assert!(refusal.ends_with(SUPPORTED), "{refusal}");
+        }
+        assert_eq!(
+            supported(Flavor::MySql, "5.7.44-log").unwrap_err(),
+            "MySQL 5.7.44-log is not supported: it lacks backup locks (LOCK INSTANCE FOR BACKUP, MySQL 8.0), which the backup uses; supported are MariaDB 10.4 and later, MySQL and Percona Server 8.0.23 and later, and Percona Server 5.7"
+        );
     }
 
     #[test]
@@ -312,30 +405,56 @@ mod tests {
     }
 
     #[test]
-    fn mysql_8_takes_a_read_lock_only_for_non_innodb_tables() {
+    fn mysql_8_always_blocks_commits_with_a_read_lock_until_after_the_stop() {
         for flavor in [Flavor::MySql, Flavor::Percona] {
-            let p = plan(&facts(flavor, (8, 0)));
-            assert_eq!(p.prepare, ["LOCK INSTANCE FOR BACKUP"]);
-            assert!(p.block_commits.is_empty());
-            assert_eq!(
-                p.binlog_coordinates,
-                ["SELECT LOCAL FROM performance_schema.log_status"]
-            );
-            assert_eq!(p.release, ["UNLOCK INSTANCE"]);
-            let myisam = plan(&PlanFacts {
-                non_innodb_tables: true,
+            for replica in [false, true] {
+                let p = plan(&PlanFacts {
+                    replica,
+                    ..facts(flavor, (8, 0))
+                });
+                assert_eq!(p.prepare, ["LOCK INSTANCE FOR BACKUP"]);
+                // InnoDB-only tables too: LOCK INSTANCE FOR BACKUP lets commits through.
+                assert_eq!(
+                    p.block_commits,
+                    ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
+                );
+                assert_eq!(
+                    p.binlog_coordinates,
+                    ["SELECT LOCAL FROM performance_schema.log_status"]
+                );
+                assert_eq!(p.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
+            }
+            let replica = plan(&PlanFacts {
                 replica: true,
                 ..facts(flavor, (8, 0))
             });
             assert_eq!(
-                myisam.block_commits,
-                ["FLUSH NO_WRITE_TO_BINLOG TABLES WITH READ LOCK"]
-            );
-            assert_eq!(myisam.release, ["UNLOCK TABLES", "UNLOCK INSTANCE"]);
-            assert_eq!(
-                myisam.replica_coordinates,
+                replica.replica_coordinates,
                 ["SHOW REPLICA STATUS", "SELECT @@GLOBAL.gtid_executed"]
             );
+        }
+    }
+
+    /// The image is taken at the capture stop, after the coordinates are read: every
+    /// flavor's plan must block commits before reading them and release only after.
+    #[test]
+    fn every_plan_blocks_commits_from_before_the_coordinates_to_the_release() {
+        for (flavor, version) in [
+            (Flavor::MariaDb, (10, 11)),
+            (Flavor::Percona, (5, 7)),
+            (Flavor::MySql, (8, 0)),
+            (Flavor::Percona, (8, 0)),
+        ] {
+            for (binlog, replica) in [(true, false), (false, true), (true, true)] {
+                let p = plan(&PlanFacts {
+                    binlog,
+                    replica,
+                    ..facts(flavor, version)
+                });
+                let at = format!("{flavor:?} {version:?}");
+                assert!(!p.block_commits.is_empty(), "{at}: commits never blocked");
+                assert!(!p.release.is_empty(), "{at}: nothing released");
+            }
         }
     }
 

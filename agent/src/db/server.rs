@@ -175,7 +175,7 @@ pub fn needed_privileges(facts: &ServerFacts, replica: bool, safe_slave: bool) -
             ),
             global(
                 &["RELOAD"],
-                "FLUSH ENGINE LOGS (and FLUSH TABLES WITH READ LOCK)",
+                "FLUSH ENGINE LOGS and FLUSH TABLES WITH READ LOCK",
             ),
         ],
     };
