@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use common::load::{LOAD_SCHEMA, LoadOptions, WriteLoad};
 use common::mariadb::{MariaDb, ServerUser};
-use common::replication::{add_replication_user, checksums, start_replica, wait_caught_up};
+use common::replication::{
+    REPL_PASSWORD, REPL_USER, add_replication_user, checksums, wait_caught_up,
+};
 use common::{Agent, backup, hotbackup};
 
 fn run(args: &[&str]) -> (Output, String, String) {
@@ -168,8 +170,41 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
         "--server-id=1",
         "--binlog-format=ROW",
     ]);
-    restored.sql("RESET MASTER");
-    start_replica(&restored, &source, &gtid);
+    // `hotbackup replica` under load: caught up, then compared with the source at one
+    // GTID (the source's user may read the tables for that).
+    source.sql(&format!(
+        "SET SESSION sql_log_bin = 0; GRANT SELECT ON *.* TO '{REPL_USER}'@'127.0.0.1'"
+    ));
+    let pw = work.path().join("repl.pw");
+    fs::write(&pw, format!("{REPL_PASSWORD}\n")).unwrap();
+    let load = WriteLoad::start(&source, LoadOptions::default());
+    assert!(load.wait_until_acked(20, Duration::from_secs(60)));
+    let port = source.port().to_string();
+    let socket = restored.socket().display().to_string();
+    let (out, stdout, stderr) = run(&[
+        "replica",
+        target.to_str().unwrap(),
+        "--no-defaults",
+        "--socket",
+        &socket,
+        "--user=root",
+        "--source-host=127.0.0.1",
+        "--source-port",
+        &port,
+        "--source-user",
+        REPL_USER,
+        "--source-password-file",
+        pw.to_str().unwrap(),
+        "--wait",
+        "--verify-checksums",
+    ]);
+    load.stop();
+    assert!(out.status.success(), "replica failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("the replica matches its source"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("innodb_rows"), "{stdout}");
     wait_caught_up(&restored, &source, Duration::from_secs(120));
     let (out, _, stderr) = run(&[
         "restore",
@@ -195,6 +230,37 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
         checksums(&restored, &schemas),
         checksums(&source, &schemas),
         "the replica built from the restored backup diverged"
+    );
+    // A replica that lost a row: --verify-checksums names the table.
+    restored.sql(&format!(
+        "STOP SLAVE; RESET SLAVE ALL; SET SESSION sql_log_bin = 0; \
+         DELETE FROM {LOAD_SCHEMA}.innodb_rows ORDER BY worker, seq LIMIT 1"
+    ));
+    let at = restored.value("SELECT @@GLOBAL.gtid_slave_pos");
+    let (out, stdout, stderr) = run(&[
+        "replica",
+        target.to_str().unwrap(),
+        "--no-defaults",
+        "--socket",
+        &socket,
+        "--user=root",
+        "--source-host=127.0.0.1",
+        "--source-port",
+        &port,
+        "--source-user",
+        REPL_USER,
+        "--source-password-file",
+        pw.to_str().unwrap(),
+        "--gtid",
+        &at,
+        "--verify-checksums",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "differs from its source in 1 table(s): `{LOAD_SCHEMA}`.`innodb_rows`"
+        )),
+        "{stderr}"
     );
     restored.shutdown();
     source.shutdown();

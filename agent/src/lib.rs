@@ -11,6 +11,7 @@ pub mod history;
 pub mod image;
 pub mod manifest;
 pub mod options;
+pub mod replica;
 pub mod restore;
 pub mod staged;
 

@@ -259,3 +259,71 @@ fn bar(json: bool) -> ProgressBar {
     );
     bar
 }
+
+/// `replica`: points a server started on a restored image at its source.
+pub fn replica(
+    dir: &Path,
+    server: &agent::db::Target,
+    options: &agent::replica::ReplicaOptions,
+) -> anyhow::Result<()> {
+    use agent::replica::ReplicaEvent;
+    let image = Image::open(dir)?;
+    if options.print_sql {
+        for sql in agent::replica::plan(&image, options, None)?.statements {
+            println!("{sql};");
+        }
+        return Ok(());
+    }
+    let mut last = std::time::Instant::now() - std::time::Duration::from_secs(10);
+    let summary = agent::replica::run(&image, server, options, |e| match e {
+        ReplicaEvent::Note(n) => eprintln!("hotbackup: {n}"),
+        ReplicaEvent::Behind {
+            replica,
+            source,
+            seconds,
+        } => {
+            if last.elapsed() >= std::time::Duration::from_secs(2) {
+                last = std::time::Instant::now();
+                eprintln!(
+                    "hotbackup: catching up: replica at {replica}, source at {source}{}",
+                    seconds
+                        .map(|s| format!(", {s} s behind"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    })?;
+    println!(
+        "replicating from {}:{}{}",
+        summary.plan.source_host,
+        summary.plan.source_port,
+        if summary.plan.connection.is_empty() {
+            String::new()
+        } else {
+            format!(" (connection {})", summary.plan.connection)
+        }
+    );
+    if let Some(g) = &summary.caught_up_at {
+        println!("caught up with the source at GTID {g}");
+    }
+    if !summary.compared.is_empty() {
+        for t in &summary.compared {
+            println!(
+                "  {:<40} {:<8} {}",
+                t.table,
+                t.engine,
+                if t.unstable {
+                    "changed on the source while compared (not transactional)".to_string()
+                } else {
+                    format!("checksum {} on both", t.source.as_deref().unwrap_or("?"))
+                }
+            );
+        }
+        println!(
+            "{} tables compared at GTID {}: the replica matches its source",
+            summary.compared.len(),
+            summary.caught_up_at.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(())
+}

@@ -109,6 +109,17 @@ enum Command {
         #[command(flatten)]
         options: agent::restore::RestoreOptions,
     },
+    /// Make a server started on a restored backup a replica: of the server the backup
+    /// was taken on, or (--sibling) of the source of the replica it was taken on.
+    Replica {
+        /// The backup directory the server was restored from.
+        dir: PathBuf,
+        /// How to reach the restored server.
+        #[command(flatten)]
+        connection: ConnectionOptions,
+        #[command(flatten)]
+        options: agent::replica::ReplicaOptions,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -296,6 +307,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Verify { .. } | Command::Info { .. } => unreachable!("handled in main"),
         Command::Restore { dir, options } => image_cmds::restore(&dir, &options),
+        Command::Replica {
+            dir,
+            connection,
+            options,
+        } => {
+            let server = connection.resolve(prompt_password)?;
+            image_cmds::replica(&dir, &server, &options)
+        }
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {
