@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::binlog::split_name;
+use super::binlog::{same_gtid_state, split_name};
 use super::plan::{self, ServerLog};
 use super::store::{self, Archive};
 use super::streamer::{Mode, Streamer};
@@ -51,6 +51,20 @@ fn master_position(db: &mut Db) -> Result<Option<(String, u64)>, DbError> {
         let pos = r.get("Position").cloned().flatten()?.parse().ok()?;
         Some((file, pos))
     }))
+}
+
+/// The server went away (or is going): worth reconnecting rather than giving up.
+fn going_away(e: &DbError) -> bool {
+    // 1053: server shutdown in progress; 1927: connection killed.
+    matches!(
+        e,
+        DbError::Lost { .. }
+            | DbError::Unreachable { .. }
+            | DbError::Query {
+                code: 1053 | 1927,
+                ..
+            }
+    )
 }
 
 /// The number in a binlog name, for ordering (names outgrow six digits).
@@ -149,9 +163,7 @@ impl<F: FnMut(ArchiveEvent)> Archiver<'_, F> {
                     self.archive.sync_partials()?;
                     outcome?
                 }
-                Err(ArchiveError::Db(e @ (DbError::Lost { .. } | DbError::Unreachable { .. }))) => {
-                    Interrupted::Lost(e.to_string())
-                }
+                Err(ArchiveError::Db(e)) if going_away(&e) => Interrupted::Lost(e.to_string()),
                 Err(e) => return Err(e),
             };
             let why = match outcome {
@@ -300,9 +312,8 @@ impl<F: FnMut(ArchiveEvent)> Archiver<'_, F> {
                 (r.get("Event_type").cloned().flatten().as_deref() == Some("Gtid_list"))
                     .then(|| r.get("Info").cloned().flatten().unwrap_or_default())
             });
-            let same = |a: &str, b: &str| a.replace(' ', "") == b.replace(' ', "");
             if let Some(theirs) = theirs
-                && !same(&theirs, &ours)
+                && !same_gtid_state(&theirs, &ours)
             {
                 return Err(ArchiveError::Diverged(format!(
                     "the server's {name} starts at GTID state {theirs} but the archived one at {ours}: the server's binlogs are not the ones archived here (RESET MASTER, or a different server); archive it into a new --dir"

@@ -160,6 +160,22 @@ impl EventWalker {
     }
 }
 
+/// Whether two GTID lists (`[0-1-3,5-1-1]`) name the same state: the file holds them in
+/// its own order, `SHOW BINLOG EVENTS` prints them sorted.
+pub fn same_gtid_state(a: &str, b: &str) -> bool {
+    let set = |s: &str| {
+        let mut v: Vec<String> = s
+            .trim_matches(|c: char| c == '[' || c == ']' || c.is_whitespace())
+            .split(',')
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty())
+            .collect();
+        v.sort();
+        v
+    };
+    set(a) == set(b)
+}
+
 /// The body of a GTID list event as the server prints it: `[domain-server-seq,...]`.
 fn gtid_list(body: &[u8]) -> Option<String> {
     let count = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) & 0x0fff_ffff;
@@ -170,8 +186,13 @@ fn gtid_list(body: &[u8]) -> Option<String> {
         let domain = u32::from_le_bytes(e[0..4].try_into().ok()?);
         let server = u32::from_le_bytes(e[4..8].try_into().ok()?);
         let seq = u64::from_le_bytes(e[8..16].try_into().ok()?);
-        gtids.push(format!("{domain}-{server}-{seq}"));
+        gtids.push((domain, server, seq));
     }
+    gtids.sort_unstable();
+    let gtids: Vec<String> = gtids
+        .iter()
+        .map(|(d, s, n)| format!("{d}-{s}-{n}"))
+        .collect();
     Some(format!("[{}]", gtids.join(",")))
 }
 
@@ -283,6 +304,20 @@ pub(crate) mod tests {
         // Not a binlog at all.
         let s = scan_bytes(b"hello world, not a binlog", 4);
         assert!(!s.untorn());
+    }
+
+    /// The server printed `[0-1-3,5-1-1,5-9-2]` for a file that holds them as
+    /// `5-1-1,5-9-2,0-1-3`; compared as strings, a resumed archive was taken for
+    /// another server's.
+    #[test]
+    fn regression_gtid_lists_compare_as_sets_not_in_file_order() {
+        assert!(same_gtid_state(
+            "[5-1-1,5-9-2,0-1-3]",
+            "[0-1-3, 5-1-1,5-9-2]"
+        ));
+        assert!(same_gtid_state("[]", "[]"));
+        assert!(!same_gtid_state("[0-1-3]", "[0-1-4]"));
+        assert!(!same_gtid_state("[]", "[0-1-3]"));
     }
 
     #[test]
