@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use common::mariadb::{MariaDb, ServerUser, client_for, find_program};
-use common::replication::checksums;
+use common::replication::{REPL_PASSWORD, REPL_USER, add_replication_user, checksums};
 use common::{hotbackup, hotbackup_bin, signal, wait_for, wait_with_timeout};
 
 const SCHEMA: &str = "hb_arch";
@@ -84,15 +84,15 @@ struct Archiver {
 }
 
 impl Archiver {
-    fn start(db: &MariaDb, dir: &Path, log: PathBuf) -> Archiver {
-        let a = archive_args(db.socket(), dir, &["--status-interval=2"]);
+    /// Runs `hotbackup ARGS` (binlog-archive without --once), stderr appended to `log`.
+    fn start(a: &[String], log: PathBuf) -> Archiver {
         let err = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
         let child = Command::new(hotbackup_bin())
-            .args(&a)
+            .args(a)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -269,7 +269,8 @@ fn continuous_archiving_survives_server_restarts_and_its_own_sigkill() {
     let mut src = binlog_server(tmp.path(), "src", BINLOG_ARGS);
     let dir = tmp.path().join("archive");
     let log = tmp.path().join("archiver.stderr");
-    let mut arch = Archiver::start(&src, &dir, log.clone());
+    let args = archive_args(src.socket(), &dir, &["--status-interval=2"]);
+    let mut arch = Archiver::start(&args, log.clone());
     wait_for(
         "the archiver to start streaming",
         Duration::from_secs(30),
@@ -323,7 +324,7 @@ fn continuous_archiving_survives_server_restarts_and_its_own_sigkill() {
     insert_rows(src.socket(), 350..400);
     src.sql("FLUSH BINARY LOGS");
     src.sql(&format!("DELETE FROM {SCHEMA}.t WHERE id % 7 = 0"));
-    let mut arch = Archiver::start(&src, &dir, log.clone());
+    let mut arch = Archiver::start(&args, log.clone());
     insert_rows(src.socket(), 400..450);
     src.sql("FLUSH BINARY LOGS");
     insert_rows(src.socket(), 450..500);
@@ -450,6 +451,53 @@ fn a_purge_before_archiving_is_a_gap_that_names_the_files() {
         fs::read(dir.join("mysql-bin.000004")).unwrap(),
         fs::read(db.datadir().join("mysql-bin.000004")).unwrap()
     );
+}
+
+#[test]
+fn over_tcp_with_a_password_that_never_shows_in_argv_or_environment() {
+    let tmp = workdir();
+    let db = binlog_server(tmp.path(), "src", BINLOG_ARGS);
+    add_replication_user(&db);
+    db.sql(&format!(
+        "GRANT BINLOG MONITOR ON *.* TO '{REPL_USER}'@'127.0.0.1'"
+    ));
+    insert_rows(db.socket(), 0..20);
+    db.sql("FLUSH BINARY LOGS");
+    let dir = tmp.path().join("archive");
+    let args: Vec<String> = [
+        "binlog-archive",
+        "--no-defaults",
+        "--host=127.0.0.1",
+        &format!("--port={}", db.port()),
+        &format!("--user={REPL_USER}"),
+        &format!("--password={REPL_PASSWORD}"),
+        &format!("--dir={}", dir.display()),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut arch = Archiver::start(&args, tmp.path().join("archiver.stderr"));
+    wait_for(
+        "the first file to be archived",
+        Duration::from_secs(30),
+        || dir.join("archive.json").exists() && archived(&dir) == ["mysql-bin.000001"],
+    );
+    let streamers = streamers_into(&dir);
+    assert_eq!(streamers.len(), 1);
+    for what in ["cmdline", "environ"] {
+        let text = fs::read(format!("/proc/{}/{what}", streamers[0])).unwrap();
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("--protocol=tcp") || what == "environ",
+            "{text}"
+        );
+        assert!(
+            !text.contains(REPL_PASSWORD),
+            "the password is in the streamer's {what}"
+        );
+    }
+    let (status, stderr) = arch.stop();
+    assert!(status.success(), "{stderr}");
+    assert_eq!(assert_archive_is_the_servers(&db, &dir), 1);
 }
 
 /// A failed run: exit status 1 and exactly one line on stderr; returns the line.
