@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::load::{LoadOptions, WriteLoad};
 use common::mariadb::{MariaDb, ServerUser};
-use common::{Agent, hotbackup, hotbackup_bin, is_mounted};
+use common::{Agent, hotbackup, hotbackup_bin, is_mounted, wait_for};
 
 fn copy(agent: &Agent, target: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -41,14 +41,6 @@ fn spawn_copy(agent: &Agent, target: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn fill(agent: &Agent, files: usize, size: usize) {

@@ -2,6 +2,7 @@
 //! (in later layers) coordinates backups. `cli` only parses and renders; this decides.
 
 pub mod backup;
+pub mod binlog_archive;
 pub mod client;
 pub mod control;
 pub mod copy;

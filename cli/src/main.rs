@@ -120,6 +120,14 @@ enum Command {
         #[command(flatten)]
         options: agent::replica::ReplicaOptions,
     },
+    /// Archive the server's binlog files into a directory as the server writes them
+    /// (fsynced, checksummed, resumable), for point-in-time recovery.
+    BinlogArchive {
+        #[command(flatten)]
+        connection: ConnectionOptions,
+        #[command(flatten)]
+        options: agent::binlog_archive::ArchiveOptions,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -315,6 +323,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let server = connection.resolve(prompt_password)?;
             image_cmds::replica(&dir, &server, &options)
         }
+        Command::BinlogArchive {
+            connection,
+            options,
+        } => binlog_archive(&connection, &options),
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {
@@ -326,6 +338,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn binlog_archive(
+    connection: &ConnectionOptions,
+    options: &agent::binlog_archive::ArchiveOptions,
+) -> anyhow::Result<()> {
+    use agent::binlog_archive::{self as archive, ArchiveEvent};
+    let conn = connection.resolve(prompt_password)?;
+    let stop = archive::stop_on_signals()?;
+    let summary = archive::run(&conn, options, &stop, |e| match e {
+        ArchiveEvent::Note(n) | ArchiveEvent::Status(n) => eprintln!("hotbackup: {n}"),
+        ArchiveEvent::Gap(g) => eprintln!("hotbackup: WARNING: {g}"),
+    })?;
+    println!("{summary}");
+    Ok(())
 }
 
 fn init_logging(level: &str) -> anyhow::Result<()> {

@@ -203,6 +203,15 @@ pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
     child.wait_with_output().expect("wait child")
 }
 
+/// Polls `cond` until it holds; panics naming `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `hotbackup backup` arguments for the server on `socket` as root (no option files),
 /// into `target`, with a history file beside it.
 pub fn backup_args(socket: &Path, target: &Path, extra: &[&str]) -> Vec<String> {
