@@ -129,11 +129,27 @@ fn pitr_reaches_exactly_the_source_state_at_a_gtid_and_at_a_time() {
     assert_eq!(r.server.value("SELECT @@GLOBAL.gtid_slave_pos"), at_gtid);
     r.server.shutdown();
 
-    // To a time.
+    // To a time, out of a binlog archive made by `binlog-archive --once`.
+    let archived = work.path().join("archived");
+    let out = hotbackup(&[
+        "binlog-archive",
+        "--no-defaults",
+        "--socket",
+        s(source.socket()),
+        "--user=root",
+        "--dir",
+        s(&archived),
+        "--once",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut r = restore_and_start(
         &target,
         &work.path().join("to-time"),
-        &["--until", &time, "--binlog-dir", s(&binlogs)],
+        &["--until", &time, "--binlog-dir", s(&archived)],
     );
     assert_eq!(
         checksums(&r.server, &SCHEMAS),

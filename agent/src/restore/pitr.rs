@@ -113,7 +113,10 @@ pub(super) fn plan(
         let entries = fs::read_dir(dir).map_err(|e| {
             RestoreError::Refused(format!("cannot read --binlog-dir {}: {e}", dir.display()))
         })?;
-        for e in entries.flatten() {
+        // A `binlog-archive` keeps the file being written in `.partial/`: complete files
+        // are taken first, the partial one only where no complete copy exists.
+        let partial = fs::read_dir(dir.join(".partial")).into_iter().flatten();
+        for e in entries.flatten().chain(partial.flatten()) {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some((s, n)) = split_binlog_name(&name)
                 && s == stem
