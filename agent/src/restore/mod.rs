@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use crate::image::{Image, ImageError};
 
 mod fixup;
+pub mod lineage;
 pub mod pitr;
 mod place;
 mod plan;
+mod temp_server;
 
 pub use plan::{Method, RestorePlan, plan};
 
@@ -62,6 +64,11 @@ pub struct RestoreOptions {
     /// directory); repeatable.
     #[arg(long, value_name = "DIR")]
     pub binlog_dir: Vec<PathBuf>,
+    /// Keep the image's binlog file and GTID numbering. By default the restored server
+    /// starts a new binlog history, so that replicas of the old server that were ahead
+    /// of the image stop with an error instead of replicating a different history.
+    #[arg(long)]
+    pub keep_binlog_history: bool,
     /// Threads for verifying and copying.
     #[arg(long, default_value_t = 2)]
     #[serde(skip)]
@@ -166,15 +173,22 @@ fn execute(
         path,
         error,
     })?;
-    let reached_gtid = match &plan.pitr {
-        Some(pitr) => {
+    // The work done by the server's own hands, on a private temporary server.
+    if plan.pitr.is_some() || plan.new_history.is_some() {
+        let server = temp_server::TempServer::start(plan, events)?;
+        if let Some(pitr) = &plan.pitr {
             events(RestoreEvent::Step(
                 "replay the binlog (point-in-time recovery)",
             ));
-            Some(pitr::replay(plan, pitr, events)?)
+            pitr::replay(&server, pitr)?;
         }
-        None => None,
-    };
+        if let Some(history) = &plan.new_history {
+            events(RestoreEvent::Step("start a new binlog history"));
+            lineage::start(&server, history)?;
+        }
+        server.shutdown()?;
+    }
+    let reached_gtid = plan.pitr.as_ref().map(|p| p.reached.clone());
     Ok(RestoreSummary {
         datadir: plan.datadir.clone(),
         config: plan.config.clone(),

@@ -7,16 +7,15 @@
 //! file position (numeric positions work the same in every server version).
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
 use super::plan::RestorePlan;
-use super::{RestoreError, RestoreEvent, RestoreOptions};
+use super::temp_server::{TempServer, program, succeeded};
+use super::{RestoreError, RestoreOptions};
 use crate::image::{BinlogCoordinates, Image};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,94 +194,12 @@ pub(super) fn plan(
     }))
 }
 
-/// Replays the plan on a private temporary server; returns the GTID position reached.
-pub(super) fn replay(
-    restore: &RestorePlan,
-    pitr: &PitrPlan,
-    events: &mut impl FnMut(RestoreEvent<'_>),
-) -> Result<String, RestoreError> {
+/// Replays the plan on the private temporary server `server` (started on the restored
+/// files). The replay is not binlogged; the GTID position reached becomes the server's
+/// `gtid_slave_pos` (a replica started on it continues from there).
+pub(super) fn replay(server: &TempServer, pitr: &PitrPlan) -> Result<(), RestoreError> {
     let failed =
         |what: &str, e: &dyn std::fmt::Display| RestoreError::Replay(format!("{what}: {e}"));
-    let owner = fs::metadata(&restore.datadir).map_err(|e| failed("reading the datadir", &e))?;
-    let user = nix::unistd::User::from_uid(owner.uid().into())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| "root".into());
-    let tmp = tempdir().map_err(|e| failed("creating a private directory", &e))?;
-    std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()))
-        .map_err(|e| failed("creating a private directory", &e))?;
-    let socket = tmp.join("mariadbd.sock");
-    let password = random_password().map_err(|e| failed("reading /dev/urandom", &e))?;
-    let password = password.as_str();
-    let init = tmp.join("init.sql");
-    fs::write(
-        &init,
-        format!(
-            "SET sql_log_bin = 0;\n\
-             CREATE USER IF NOT EXISTS 'hotbackup_pitr'@'localhost' IDENTIFIED BY '{password}';\n\
-             GRANT ALL PRIVILEGES ON *.* TO 'hotbackup_pitr'@'localhost';\n"
-        ),
-    )
-    .map_err(|e| failed("writing the init file", &e))?;
-    std::os::unix::fs::chown(&init, Some(owner.uid()), Some(owner.gid()))
-        .map_err(|e| failed("writing the init file", &e))?;
-    let log = tmp.join("mariadbd.err");
-    events(RestoreEvent::Note(format!(
-        "starting a private server on {} (socket {}, no networking, no replication)",
-        restore.datadir.display(),
-        socket.display()
-    )));
-    let mut server = TempServer(
-        Command::new(program("mariadbd"))
-            .arg(format!("--defaults-file={}", restore.config.display()))
-            .arg(format!("--datadir={}", restore.datadir.display()))
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", tmp.join("mariadbd.pid").display()))
-            .arg(format!("--log-error={}", log.display()))
-            .arg(format!("--init-file={}", init.display()))
-            .arg(format!("--user={user}"))
-            .args(["--skip-networking", "--skip-slave-start"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| failed("starting mariadbd", &e))?,
-        tmp.clone(),
-    );
-    let client = |extra: &[&str]| {
-        let mut c = Command::new(program("mariadb"));
-        c.arg("--no-defaults")
-            .arg(format!("--socket={}", socket.display()))
-            .arg("--user=hotbackup_pitr")
-            .env("MYSQL_PWD", password)
-            .args(extra);
-        c
-    };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(Some(status)) = server.0.try_wait() {
-            return Err(RestoreError::Replay(format!(
-                "the temporary server exited ({status}) before it was ready; its log:\n{}",
-                tail(&log)
-            )));
-        }
-        let ok = client(&["-e", "SELECT 1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(RestoreError::Replay(format!(
-                "the temporary server did not answer within 300 s; its log:\n{}",
-                tail(&log)
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
     // mariadb-binlog | mariadb: the binlog's own session settings (server id, GTID,
     // timestamps) are replayed; --disable-log-bin keeps the replay out of the binlog.
     let mut binlog = Command::new(program("mariadb-binlog"));
@@ -306,7 +223,8 @@ pub(super) fn replay(
         .spawn()
         .map_err(|e| failed("running mariadb-binlog", &e))?;
     let stream = reader.stdout.take().expect("piped");
-    let applied = client(&["--binary-mode"])
+    let applied = server
+        .client(&["--binary-mode"])
         .stdin(stream)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -317,67 +235,10 @@ pub(super) fn replay(
         .map_err(|e| failed("running mariadb-binlog", &e))?;
     succeeded("reading the binlog (mariadb-binlog)", &read)?;
     succeeded("applying the binlog", &applied)?;
-    // The replay is not in the binlog, so the restored server learns its position from
-    // gtid_slave_pos (a replica started on it continues from there).
-    let finish = format!(
-        "SET sql_log_bin = 0; SET GLOBAL gtid_slave_pos = '{}'; DROP USER 'hotbackup_pitr'@'localhost'; SHUTDOWN;",
+    server.sql(&format!(
+        "SET sql_log_bin = 0; SET GLOBAL gtid_slave_pos = '{}'",
         pitr.reached
-    );
-    let out = client(&["-e", &finish])
-        .output()
-        .map_err(|e| failed("shutting the temporary server down", &e))?;
-    succeeded("shutting the temporary server down", &out)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        match server.0.try_wait() {
-            Ok(Some(s)) if s.success() => break,
-            Ok(Some(s)) => {
-                return Err(RestoreError::Replay(format!(
-                    "the temporary server exited with {s}; its log:\n{}",
-                    tail(&log)
-                )));
-            }
-            _ if Instant::now() > deadline => {
-                return Err(RestoreError::Replay(
-                    "the temporary server did not shut down within 300 s".into(),
-                ));
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-    Ok(pitr.reached.clone())
-}
-
-fn succeeded(what: &str, out: &std::process::Output) -> Result<(), RestoreError> {
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(RestoreError::Replay(format!(
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
-}
-
-/// The temporary server, stopped by its own pid if the replay fails, and its private
-/// directory removed.
-struct TempServer(Child, PathBuf);
-
-impl Drop for TempServer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.0.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-        let _ = fs::remove_dir_all(&self.1);
-    }
+    ))
 }
 
 /// One transaction of the scanned binlogs.
@@ -551,50 +412,11 @@ fn is_datetime(s: &str) -> bool {
         })
 }
 
-/// A throwaway password for the temporary server's private user.
-fn random_password() -> io::Result<String> {
-    let mut bytes = [0u8; 12];
-    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 fn dirs(d: &[PathBuf]) -> String {
     d.iter()
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-fn tempdir() -> io::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for i in 0..100u32 {
-        let p = base.join(format!("hotbackup-pitr-{}-{i}", std::process::id()));
-        match fs::create_dir(&p) {
-            Ok(()) => {
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
-                return Ok(p);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::other("no free temporary directory name"))
-}
-
-/// A program of the server's packages: PATH first, then the sbin directories.
-pub fn program(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 #[cfg(test)]

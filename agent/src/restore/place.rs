@@ -215,7 +215,16 @@ fn copy_data_ranges(from: &File, to: &File) -> io::Result<()> {
             // SAFETY: copy_file_range between two open descriptors with our offsets.
             let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, want, 0) };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // Across filesystems (a FUSE mount, say) the kernel may refuse: copy
+                // through a buffer instead.
+                match e.raw_os_error() {
+                    Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                        copy_through_buffer(from, to, off_in as u64, end as u64)?;
+                        break;
+                    }
+                    _ => return Err(e),
+                }
             }
             if n == 0 {
                 break;
@@ -224,6 +233,21 @@ fn copy_data_ranges(from: &File, to: &File) -> io::Result<()> {
         pos = end;
     }
     to.set_len(len)
+}
+
+fn copy_through_buffer(from: &File, to: &File, mut at: u64, end: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < end {
+        let want = ((end - at) as usize).min(buf.len());
+        let n = from.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            break;
+        }
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Owner (the plan's, or the image file's), mode and times of `src` onto `dst`.

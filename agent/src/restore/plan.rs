@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::lineage::NewHistory;
 use super::pitr::{self, PitrPlan};
 use super::{RestoreError, RestoreOptions};
 use crate::image::Image;
@@ -44,6 +45,8 @@ pub struct RestorePlan {
     pub config: PathBuf,
     pub config_text: String,
     pub pitr: Option<PitrPlan>,
+    /// The new binlog history the restored server starts (None: kept, or no binlog).
+    pub new_history: Option<NewHistory>,
 }
 
 /// Makes the plan, or refuses (nothing is changed either way).
@@ -219,8 +222,18 @@ pub fn plan(image: &Image, options: &RestoreOptions) -> Result<RestorePlan, Rest
         config,
         config_text,
         pitr: None,
+        new_history: None,
     };
     plan.pitr = pitr::plan(image, &plan, options)?;
+    if !options.keep_binlog_history
+        && let Some(b) = image.binlog()
+    {
+        let data_gtid = plan
+            .pitr
+            .as_ref()
+            .map_or(b.gtid.clone(), |p| p.reached.clone());
+        plan.new_history = NewHistory::new(&b.file, &b.gtid, &data_gtid);
+    }
     Ok(plan)
 }
 
@@ -424,6 +437,9 @@ impl fmt::Display for RestorePlan {
         line(f, format!("write {}", self.config.display()))?;
         if let Some(p) = &self.pitr {
             line(f, p.describe())?;
+        }
+        if let Some(h) = &self.new_history {
+            line(f, h.describe())?;
         }
         write!(
             f,
