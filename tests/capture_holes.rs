@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use capture::fs::Caller;
 use capture::session::{AbortReason, CaptureError, Phase, SessionOptions};
-use engine::{Gate, Rig, assert_image_is, blocked_for, tree, tree_without};
+use engine::{Rig, assert_image_is, blocked_for, tree, tree_without};
 
 const WAIT: Duration = Duration::from_millis(300);
 const ROOT: u64 = 1;
@@ -233,7 +233,7 @@ fn regression_truncation_by_open_and_create_reaches_the_image() {
 fn regression_abort_waits_for_the_copier_threads() {
     let rig = Rig::new();
     fs::write(rig.m("f"), vec![1u8; 1 << 20]).unwrap();
-    let gate = Gate::new();
+    let gate = rig.gate();
     let g = gate.clone();
     rig.fs.hooks.set(
         "copier.chunk_read",
@@ -308,13 +308,19 @@ fn regression_a_copier_ignores_a_new_file_on_a_reused_inode_number() {
     });
     before_file.wait_arrived(); // a's state looked up, a not opened yet
     fs::remove_file(rig.m("a")).unwrap();
-    let reused = (0..64).find_map(|i| {
+    // Other tests create files on the same filesystem at the same time and may take
+    // the freed number first: misses are removed again, which frees their numbers.
+    let reused = (0..2000).find_map(|i| {
         let p = rig.m(&format!("b{i}"));
         fs::write(&p, vec![2u8; 200_000]).unwrap();
-        (fs::metadata(&p).unwrap().ino() == ino_a).then_some(p)
+        if fs::metadata(&p).unwrap().ino() == ino_a {
+            return Some(p);
+        }
+        fs::remove_file(&p).unwrap();
+        None
     });
     let b = reused.expect("the backing filesystem did not reuse the inode number");
-    let chunk_read = Gate::new();
+    let chunk_read = rig.gate();
     let g = chunk_read.clone();
     rig.fs
         .hooks

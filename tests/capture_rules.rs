@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 use capture::session::{AbortReason, SessionOptions};
-use engine::{Gate, Rig, assert_image_is, blocked_for, hold_at, tree};
+use engine::{Rig, assert_image_is, blocked_for, hold_at, tree};
 
 fn small_chunks() -> SessionOptions {
     SessionOptions {
@@ -134,7 +134,7 @@ fn truncate_then_regrow_with_copier_at(copied_chunks: u64) {
     let chunk = 64 * 1024u64;
     let data: Vec<u8> = (0..289_348u32).map(|b| (b % 251) as u8).collect();
     fs::write(rig.m("f"), &data).unwrap();
-    let gate = Gate::new();
+    let gate = rig.gate();
     let g = gate.clone();
     rig.fs.hooks.set(
         "copier.before_chunk",

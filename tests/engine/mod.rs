@@ -27,6 +27,9 @@ pub struct Rig {
     pub mounted: Option<Mounted>,
     /// Without a mount: the directory locking the kernel would do (`direct.rs`).
     pub dirs: std::sync::RwLock<()>,
+    /// Gates a test holds threads at: released when the rig is dropped, so that a test
+    /// that fails while a copier waits at one ends instead of hanging in the cleanup.
+    pub gates: std::sync::Mutex<Vec<Arc<Gate>>>,
 }
 
 impl Rig {
@@ -50,6 +53,7 @@ impl Rig {
             fs,
             mounted: None,
             dirs: Default::default(),
+            gates: Default::default(),
         }
     }
 
@@ -81,6 +85,7 @@ impl Rig {
             fs: mounted.fs.clone(),
             mounted: Some(mounted),
             dirs: Default::default(),
+            gates: Default::default(),
         }
     }
 
@@ -96,6 +101,13 @@ impl Rig {
         self.fs
             .start_capture(&self.image, options)
             .expect("start capture")
+    }
+
+    /// A gate released at the latest when the rig is dropped.
+    pub fn gate(&self) -> Arc<Gate> {
+        let gate = Gate::new();
+        self.gates.lock().unwrap().push(gate.clone());
+        gate
     }
 
     /// Waits for the copy phase, then stops: the validity point.
@@ -125,6 +137,10 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
+        self.fs.hooks.clear();
+        for gate in self.gates.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            gate.release();
+        }
         self.fs
             .abort_capture(capture::session::AbortReason::Cancelled("test over".into()));
         if let Some(mounted) = &mut self.mounted {
@@ -299,7 +315,7 @@ impl Gate {
 }
 
 pub fn hold_at(rig: &Rig, point: &'static str, at: u64) -> std::sync::Arc<Gate> {
-    let gate = Gate::new();
+    let gate = rig.gate();
     let g = gate.clone();
     let once = std::sync::atomic::AtomicBool::new(false);
     rig.fs.hooks.set(
