@@ -13,7 +13,11 @@ use common::mariadb::{MariaDb, ServerUser};
 use common::replication::{
     REPL_PASSWORD, REPL_USER, add_replication_user, checksums, start_replica, wait_caught_up,
 };
-use common::{Agent, backup};
+use common::{Agent, backup, hotbackup, restored_server_args};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
 
 /// A session on `db` that holds a temporary table for `secs` seconds, then ends (under
 /// statement replication the replica's SQL thread holds it as long).
@@ -133,15 +137,61 @@ fn a_backup_of_a_replica_makes_a_sibling_that_converges_and_waits_out_temp_table
         "{info}"
     );
     assert!(!info.to_ascii_lowercase().contains("password"));
-    // A sibling from the image: a replica of the same source, which converges.
+    // A sibling from the image, restored and provisioned by hotbackup: a replica of the
+    // same source that converges, compared table by table at one GTID.
     source.sql("INSERT INTO hb_r.t (v) SELECT seq FROM hb_r.seq_1_to_50");
-    let mut sibling = MariaDb::with_datadir(&target.join("data"), ServerUser::Root);
-    sibling.start_with(&["--server-id=3", "--skip-slave-start"]);
-    sibling.sql("STOP SLAVE; RESET SLAVE ALL;");
-    sibling.sql(&info);
-    sibling.sql(&format!(
-        "CHANGE MASTER TO MASTER_USER='{REPL_USER}', MASTER_PASSWORD='{REPL_PASSWORD}', MASTER_CONNECT_RETRY=1; START SLAVE;"
+    source.sql(&format!(
+        "SET SESSION sql_log_bin = 0; GRANT SELECT ON *.* TO '{REPL_USER}'@'127.0.0.1'"
     ));
+    let root = dir.path().join("sibling");
+    let out = hotbackup(&["restore", s(&target), "--datadir", s(&root)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut sibling = MariaDb::with_datadir(&root, ServerUser::Root);
+    let mut opts = restored_server_args(&root.join("hotbackup-restored.cnf"));
+    opts.push("--server-id=3".into());
+    sibling.start_with(&opts.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        sibling.value(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Slave%'"
+        ),
+        "0",
+        "the restored replica started replicating on its own"
+    );
+    let pw = dir.path().join("repl.pw");
+    std::fs::write(&pw, REPL_PASSWORD).unwrap();
+    let out = hotbackup(&[
+        "replica",
+        s(&target),
+        "--no-defaults",
+        "--socket",
+        s(sibling.socket()),
+        "--user=root",
+        "--sibling",
+        "--source-user",
+        REPL_USER,
+        "--source-password-file",
+        s(&pw),
+        "--wait",
+        "--verify-checksums",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("the replica matches its source"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("replicating from 127.0.0.1:{}", source.port())),
+        "{stdout}"
+    );
     wait_caught_up(&sibling, &source, Duration::from_secs(60));
     assert_eq!(
         checksums(&sibling, &["hb_r"]),

@@ -17,29 +17,13 @@ use common::mariadb::{MariaDb, ServerUser};
 use common::replication::{
     REPL_PASSWORD, REPL_USER, add_replication_user, checksums, wait_caught_up,
 };
-use common::{Agent, backup, hotbackup};
+use common::{Agent, backup, hotbackup, restored_server_args};
 
 fn run(args: &[&str]) -> (Output, String, String) {
     let out = hotbackup(args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out, stdout, stderr)
-}
-
-/// `mariadbd` options from the option file a restore wrote (the harness passes
-/// `--no-defaults` and its own datadir).
-fn restored_options(cnf: &Path) -> Vec<String> {
-    fs::read_to_string(cnf)
-        .unwrap_or_else(|e| panic!("read {}: {e}", cnf.display()))
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with(['#', '[']))
-        .filter_map(|l| {
-            let (k, v) = l.split_once('=')?;
-            let k = k.trim();
-            (k != "datadir").then(|| format!("--{}={}", k.replace('_', "-"), v.trim()))
-        })
-        .collect()
 }
 
 /// blake3 of every file under `root`, by relative path.
@@ -145,7 +129,7 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
 
     // The restored server: crash recovery, at the recorded GTID, the load's invariants.
     let mut restored = MariaDb::with_datadir(&datadir, ServerUser::Mysql);
-    let mut opts = restored_options(&cnf);
+    let mut opts = restored_server_args(&cnf);
     opts.push("--server-id=2".into());
     restored.start_with(&opts.iter().map(String::as_str).collect::<Vec<_>>());
     // The restore checked that the image's binlog ends exactly at the recorded GTID

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::mariadb::{MariaDb, ServerUser};
 use common::replication::checksums;
-use common::{Agent, backup, hotbackup};
+use common::{Agent, backup, hotbackup, restored_server_args};
 
 const SCHEMAS: [&str; 1] = ["hb_pitr"];
 
@@ -50,14 +50,8 @@ fn restore_and_start(target: &Path, root: &Path, until: &[&str]) -> Restored {
         String::from_utf8_lossy(&out.stderr)
     );
     let cnf = root.join("hotbackup-restored.cnf");
-    let opts: Vec<String> = fs::read_to_string(&cnf)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with(['#', '[']) && !l.starts_with("datadir"))
-        .filter_map(|l| l.split_once(" = "))
-        .map(|(k, v)| format!("--{}={v}", k.replace('_', "-")))
-        .chain(["--server-id=2".to_string()])
-        .collect();
+    let mut opts = restored_server_args(&cnf);
+    opts.push("--server-id=2".into());
     let mut server = MariaDb::with_datadir(root, ServerUser::Root);
     server.start_with(&opts.iter().map(String::as_str).collect::<Vec<_>>());
     Restored { server, stdout }

@@ -236,3 +236,19 @@ pub fn backup(db: &mariadb::MariaDb, target: &Path, extra: &[&str]) -> Output {
     let a = backup_args(db.socket(), target, extra);
     hotbackup(&a.iter().map(String::as_str).collect::<Vec<_>>())
 }
+
+/// `mariadbd` options from the option file `hotbackup restore` wrote (the harness
+/// starts servers with `--no-defaults` and its own datadir).
+pub fn restored_server_args(cnf: &Path) -> Vec<String> {
+    fs::read_to_string(cnf)
+        .unwrap_or_else(|e| panic!("read {}: {e}", cnf.display()))
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(['#', '[']))
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let k = k.trim();
+            (k != "datadir").then(|| format!("--{}={}", k.replace('_', "-"), v.trim()))
+        })
+        .collect()
+}
