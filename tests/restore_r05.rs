@@ -127,6 +127,18 @@ fn replicas_ahead_of_a_restored_primary_stop_instead_of_diverging() {
     restored_opts.push(&port_arg);
     primary.start_with(&restored_opts);
     assert_eq!(primary.value("SELECT COUNT(*) FROM hb_r5.t"), "20");
+    // Its binlog goes on far past anything the old primary numbered.
+    let file = primary.rows("SHOW MASTER STATUS")[0][0].clone();
+    let number: u64 = file.rsplit_once('.').unwrap().1.parse().unwrap();
+    assert!(number > 1_000_000, "the restored binlog is {file}");
+    let seq: u64 = primary
+        .value("SELECT @@GLOBAL.gtid_binlog_pos")
+        .rsplit_once('-')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    assert!(seq > 1_000_000_000, "the restored GTIDs go on at {seq}");
     // It writes more than the replicas were ahead by before they reconnect.
     insert(&primary, 1001..=1100, "new");
     for (name, r) in &replicas {

@@ -88,7 +88,7 @@ pub(super) fn rewrite_paths(text: &str, old: &str, new: &str) -> String {
 
 /// Writes a file's new contents through a temporary name (the file is never torn),
 /// keeping its owner and mode.
-fn replace_contents(path: &Path, contents: &[u8]) -> io::Result<()> {
+pub(super) fn replace_contents(path: &Path, contents: &[u8]) -> io::Result<()> {
     let m = fs::metadata(path)?;
     let tmp = path.with_extension("hotbackup-tmp");
     let mut f = fs::OpenOptions::new()

@@ -5,14 +5,18 @@
 //! position again (the same GTID, or a file offset inside a new file of the same name)
 //! and silently apply a different history. So the restored server gets binlog file
 //! numbers and GTID sequence numbers no old replica can hold: `RESET MASTER TO` a file
-//! number far past the image's, and the GTID state moved far ahead. An old replica
+//! number far past the image's, and the GTID state moved far ahead (in the first event of the new binlog). An old replica
 //! then stops with the server's own error (its file is not in the index; its GTID is
 //! older than the binlog), at once and also after any number of new transactions.
 //! `--keep-binlog-history` keeps the image's numbering instead.
 
 use serde::{Deserialize, Serialize};
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
 use super::RestoreError;
+use super::plan::RestorePlan;
 use super::temp_server::TempServer;
 
 /// How far the new history starts past the image's.
@@ -78,7 +82,10 @@ pub(super) fn start(server: &TempServer, history: &NewHistory) -> Result<(), Res
             history.image_gtid
         )));
     }
-    let mut sql = format!("RESET MASTER TO {}", history.first_file_number);
+    // `SET GLOBAL gtid_binlog_state` empties the binlog and starts it again (at file 1)
+    // with the new state in its first event: a replica asking for an older GTID then
+    // stops. The file number moves once the server is down (`renumber`).
+    let mut sql = String::from("RESET MASTER");
     if !history.gtid_state.is_empty() {
         sql.push_str(&format!(
             "; SET GLOBAL gtid_binlog_state = '{}'; SET GLOBAL gtid_slave_pos = '{}'",
@@ -86,6 +93,44 @@ pub(super) fn start(server: &TempServer, history: &NewHistory) -> Result<(), Res
         ));
     }
     server.sql(&sql)
+}
+
+/// With the temporary server shut down cleanly: the binlog files it left (after the
+/// reset, normally one) take numbers from `first_file_number` on, and the index names
+/// them, so that a replica asking for a file of the old numbering finds none.
+pub(super) fn renumber(plan: &RestorePlan, history: &NewHistory) -> Result<(), RestoreError> {
+    let setting = |name: &str| {
+        plan.config_text.lines().find_map(|l| {
+            let (k, v) = l.split_once(" = ")?;
+            (k.trim() == name).then(|| PathBuf::from(v.trim()))
+        })
+    };
+    let (Some(basename), Some(index)) = (setting("log-bin"), setting("log-bin-index")) else {
+        return Ok(());
+    };
+    let failed = |e: std::io::Error| RestoreError::Io {
+        root: plan.root.clone(),
+        path: index.clone(),
+        error: e,
+    };
+    let text = fs::read_to_string(&index).map_err(failed)?;
+    let base_name = basename.file_name().unwrap_or_default().to_string_lossy();
+    let mut out = String::new();
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let old = Path::new(line.trim());
+        let old_path = if old.is_absolute() {
+            old.to_path_buf()
+        } else {
+            plan.datadir.join(old)
+        };
+        let name = format!("{base_name}.{:06}", history.first_file_number + i as u64);
+        fs::rename(&old_path, old_path.with_file_name(&name)).map_err(failed)?;
+        out.push_str(&format!("{}\n", old.with_file_name(&name).display()));
+    }
+    // Owner and mode kept: the server (often not root) must read it.
+    super::fixup::replace_contents(&index, out.as_bytes())
+        .and_then(|()| fs::File::open(index.parent().unwrap_or(Path::new("/")))?.sync_all())
+        .map_err(failed)
 }
 
 #[cfg(test)]

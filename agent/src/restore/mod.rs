@@ -187,6 +187,9 @@ fn execute(
             lineage::start(&server, history)?;
         }
         server.shutdown()?;
+        if let Some(history) = &plan.new_history {
+            lineage::renumber(plan, history)?;
+        }
     }
     let reached_gtid = plan.pitr.as_ref().map(|p| p.reached.clone());
     Ok(RestoreSummary {
