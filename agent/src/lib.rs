@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod options;
 pub mod replica;
 pub mod restore;
+pub mod service;
 pub mod staged;
 
 /// What the command line shows of a session, without reaching into the capture crate.
