@@ -111,6 +111,12 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
             path: socket.clone(),
             error: e,
         })?;
+    // Mounted and listening: a server ordered after this unit may start now.
+    crate::notify::tell(&format!(
+        "READY=1\nSTATUS=serving {} at {}",
+        backing.display(),
+        mountpoint.display()
+    ));
 
     loop {
         match inbox.recv_timeout(Duration::from_millis(250)) {
@@ -118,7 +124,10 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
                 tracing::info!(signal = sig, "asked to stop");
                 match try_unmount(&mut mounted, options.force) {
                     Ok(()) => break,
-                    Err(e) => tracing::error!("not stopping: {e}; still serving"),
+                    Err(e) => {
+                        tracing::error!("not stopping: {e}; still serving");
+                        crate::notify::tell(&format!("STATUS=not stopping: {e}; still serving"));
+                    }
                 }
             }
             Ok(Event::Unmount { force, reply_to }) => match try_unmount(&mut mounted, force) {
@@ -140,6 +149,7 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
+    crate::notify::tell("STOPPING=1\nSTATUS=unmounted; waiting for the last open files");
     if !mounted.is_finished() {
         tracing::info!("waiting for the last open files on the detached mount to close");
     }

@@ -11,9 +11,11 @@ pub mod db;
 pub mod history;
 pub mod image;
 pub mod manifest;
+pub mod notify;
 pub mod options;
 pub mod replica;
 pub mod restore;
+pub mod service;
 pub mod staged;
 
 /// What the command line shows of a session, without reaching into the capture crate.

@@ -128,6 +128,23 @@ enum Command {
         #[command(flatten)]
         options: agent::binlog_archive::ArchiveOptions,
     },
+    /// Print or install the systemd units that run the agent for a mountpoint and make
+    /// the database server's unit require it.
+    #[command(group(clap::ArgGroup::new("mode").required(true)))]
+    Systemd {
+        /// Print the files to stdout, each after a `### PATH` line.
+        #[arg(long, group = "mode")]
+        print: bool,
+        /// Write the files under --root (then: systemctl daemon-reload, and enable the
+        /// agent instance).
+        #[arg(long, group = "mode")]
+        install: bool,
+        /// The root directory the files are written under.
+        #[arg(long, value_name = "DIR", default_value = "/", requires = "install")]
+        root: PathBuf,
+        #[command(flatten)]
+        options: agent::service::ServiceOptions,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -327,6 +344,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connection,
             options,
         } => binlog_archive(&connection, &options),
+        Command::Systemd {
+            print,
+            install: _,
+            root,
+            options,
+        } => systemd(print, &root, &options),
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {
@@ -338,6 +361,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+fn systemd(
+    print: bool,
+    root: &std::path::Path,
+    options: &agent::service::ServiceOptions,
+) -> anyhow::Result<()> {
+    use agent::service;
+    let exe = std::env::current_exe().context("could not find the path of this binary")?;
+    let files = service::units(options, &exe)?;
+    if print {
+        for f in &files {
+            println!("### /{}\n{}", f.path.display(), f.text);
+        }
+        return Ok(());
+    }
+    let written = service::install(root, &files)
+        .with_context(|| format!("could not write the units under {}", root.display()))?;
+    for path in written {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "next: systemctl daemon-reload && systemctl enable --now {}",
+        service::instance_unit(&options.mountpoint)?
+    );
+    Ok(())
 }
 
 fn binlog_archive(

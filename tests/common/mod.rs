@@ -49,6 +49,14 @@ impl Agent {
 
     /// Starts an agent with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Agent {
+        let mut agent = Self::launch(extra, &[]);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts an agent with extra arguments and environment variables and returns at
+    /// once, before it has mounted (see [`Agent::wait_ready`]).
+    pub fn launch(extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let dir = tempfile::Builder::new()
             .prefix("hb-test-")
             .tempdir()
@@ -58,7 +66,7 @@ impl Agent {
         fs::create_dir(&backing).unwrap();
         fs::create_dir(&mountpoint).unwrap();
         let socket = dir.path().join("agent.sock");
-        Self::spawn(dir, backing, mountpoint, socket, extra)
+        Self::spawn(dir, backing, mountpoint, socket, extra, env)
     }
 
     fn spawn(
@@ -67,6 +75,7 @@ impl Agent {
         mountpoint: PathBuf,
         socket: PathBuf,
         extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
     ) -> Agent {
         let mut cmd = Command::new(hotbackup_bin());
         cmd.arg("agent")
@@ -77,22 +86,22 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn agent");
-        let mut agent = Agent {
+        Agent {
             dir,
             backing,
             mountpoint,
             socket,
             child: Some(child),
-        };
-        agent.wait_ready();
-        agent
+        }
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the agent has mounted and its control socket exists.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if is_mounted(&self.mountpoint) && self.socket.exists() {

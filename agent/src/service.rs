@@ -1,0 +1,442 @@
+//! Running the agent under systemd: the text of the units `hotbackup systemd` prints or
+//! installs (pure functions of the options), and writing them under a root directory.
+//!
+//! The layout, for a mountpoint `/var/lib/mysql`:
+//! * `/etc/systemd/system/hotbackup-agent@.service`: the template; its instance is the
+//!   systemd-escaped mountpoint (`var-lib-mysql`), and `%f` gives the path back.
+//! * `/etc/hotbackup/agent-var-lib-mysql.env`: the instance's backing directory
+//!   (`HOTBACKUP_BACKING=`) and extra agent flags (`HOTBACKUP_AGENT_OPTIONS=`). The backing
+//!   path is recorded here rather than derived from the mountpoint, because `adopt` and
+//!   operators put it wherever the datadir's filesystem has room.
+//! * `/etc/systemd/system/mariadb.service.d/hotbackup.conf`: makes the server require and
+//!   start after its agent, so it never starts on an empty mountpoint.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The template unit's name.
+pub const TEMPLATE: &str = "hotbackup-agent@.service";
+/// Where unit files go, relative to the root.
+pub const UNIT_DIR: &str = "etc/systemd/system";
+/// Where the instances' environment files go, relative to the root.
+pub const ENV_DIR: &str = "etc/hotbackup";
+
+/// Options of `hotbackup systemd`, shared by the command line and config files.
+#[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
+pub struct ServiceOptions {
+    /// The database's datadir, served by the agent instance these units start.
+    #[arg(long, default_value = "/var/lib/mysql")]
+    pub mountpoint: PathBuf,
+    /// The directory that holds the real files [default: <mountpoint>.backing].
+    #[arg(long)]
+    pub backing: Option<PathBuf>,
+    /// The database server's unit, which gets the drop-in that requires the agent.
+    #[arg(long, default_value = "mariadb.service")]
+    pub server_unit: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ServiceError {
+    #[error("{0} is not an absolute path; systemd units need absolute paths")]
+    NotAbsolute(PathBuf),
+    #[error("{0} contains '.' or '..'; give the plain path")]
+    NotNormal(PathBuf),
+    #[error("{0} contains a newline, which a unit file cannot hold")]
+    Newline(PathBuf),
+    #[error("the mountpoint cannot be / (the agent serves a directory below it)")]
+    Root,
+    #[error("{0:?} is not a service unit name (like mariadb.service)")]
+    ServerUnit(String),
+}
+
+/// One file to write: where (relative to the root) and what.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnitFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+/// Escapes a path the way `systemd-escape --path` does: slashes become `-`, and every
+/// byte outside `[A-Za-z0-9:_.]` (and a leading `.`) becomes `\xNN`.
+pub fn escape_path(path: &Path) -> Result<String, ServiceError> {
+    check_path(path)?;
+    let parts: Vec<&[u8]> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.as_encoded_bytes()),
+            _ => None,
+        })
+        .collect();
+    if parts.is_empty() {
+        return Ok("-".into());
+    }
+    let mut out = String::new();
+    for (i, part) in parts.join(&b'/').iter().enumerate() {
+        match *part {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'.' => {
+                out.push(b as char)
+            }
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The instance name of the agent serving `mountpoint`, e.g. `hotbackup-agent@var-lib-mysql.service`.
+pub fn instance_unit(mountpoint: &Path) -> Result<String, ServiceError> {
+    Ok(format!(
+        "hotbackup-agent@{}.service",
+        escape_path(mountpoint)?
+    ))
+}
+
+fn check_path(path: &Path) -> Result<(), ServiceError> {
+    if !path.is_absolute() {
+        return Err(ServiceError::NotAbsolute(path.into()));
+    }
+    // Path::components() hides a `.` in the middle, so look at the raw segments.
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.split(|b| *b == b'/').any(|s| s == b"." || s == b"..") {
+        return Err(ServiceError::NotNormal(path.into()));
+    }
+    if bytes.contains(&b'\n') {
+        return Err(ServiceError::Newline(path.into()));
+    }
+    Ok(())
+}
+
+/// A word of a unit's command line: quoted, with systemd's specifiers (`%`) and variable
+/// expansion (`$`) escaped so that the path is taken literally.
+fn exec_word(path: &Path) -> String {
+    let mut out = String::from("\"");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '%' => out.push_str("%%"),
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The template `hotbackup-agent@.service`, running the binary at `exe`.
+pub fn agent_template(exe: &Path) -> String {
+    format!(
+        "\
+# Written by `hotbackup systemd --install`. One instance per mountpoint: the instance
+# name is the escaped mountpoint (systemd-escape --path /var/lib/mysql = var-lib-mysql),
+# and /etc/hotbackup/agent-<instance>.env names the backing directory.
+[Unit]
+Description=hotbackup capture filesystem at %f
+After=local-fs.target
+
+[Service]
+# READY=1 comes once the filesystem is mounted and the control socket listens.
+Type=notify
+NotifyAccess=main
+EnvironmentFile=/etc/hotbackup/agent-%i.env
+ExecStart={exe} agent --mountpoint %f --backing ${{HOTBACKUP_BACKING}} $HOTBACKUP_AGENT_OPTIONS
+# SIGTERM unmounts, but the agent refuses while files are open on the mount (the server
+# still runs) and keeps serving: the server's unit is ordered after this one, so it is
+# stopped first. A crash leaves the mountpoint unusable until the agent is back.
+KillSignal=SIGTERM
+TimeoutStopSec=5min
+Restart=on-failure
+RestartSec=2s
+# An inode or open file of the database is a descriptor in the agent.
+LimitNOFILE=1048576
+# Hardening that leaves the mount visible to everyone else: no option that gives the
+# service a mount namespace of its own (ProtectSystem, ProtectHome, PrivateTmp,
+# PrivateDevices, ReadOnlyPaths, ProtectKernel*...), or the server would see the empty
+# directory under it. Mounting needs CAP_SYS_ADMIN and /dev/fuse; passing through a
+# request as its caller needs the file-ownership capabilities and setfsuid/setfsgid.
+DevicePolicy=closed
+DeviceAllow=/dev/fuse rw
+CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_CHOWN CAP_SETUID CAP_SETGID CAP_MKNOD
+NoNewPrivileges=yes
+RestrictAddressFamilies=AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+
+[Install]
+WantedBy=multi-user.target
+",
+        exe = exec_word(exe)
+    )
+}
+
+/// An environment-file value: double-quoted, so spaces survive.
+fn env_value(path: &Path) -> String {
+    let mut out = String::from("\"");
+    for c in path.to_string_lossy().chars() {
+        if matches!(c, '"' | '\\' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// The instance's environment file: its backing directory and extra agent flags.
+pub fn environment_file(mountpoint: &Path, backing: &Path) -> String {
+    format!(
+        "\
+# The hotbackup agent serving {mountpoint} (written by `hotbackup systemd --install`).
+HOTBACKUP_BACKING={backing}
+# Extra flags of `hotbackup agent`, split at spaces, e.g. --threads 16 --log-level debug
+HOTBACKUP_AGENT_OPTIONS=
+",
+        mountpoint = mountpoint.display(),
+        backing = env_value(backing)
+    )
+}
+
+/// The server unit's drop-in: it needs the agent instance and starts after it (and so
+/// is stopped before it).
+pub fn server_dropin(instance: &str) -> String {
+    format!(
+        "\
+# Written by `hotbackup systemd --install`: the server's files are served by {instance},
+# so the server must never start on the empty mountpoint under it.
+[Unit]
+Requires={instance}
+After={instance}
+"
+    )
+}
+
+/// Every file `hotbackup systemd` writes for these options, the binary being `exe`.
+pub fn units(options: &ServiceOptions, exe: &Path) -> Result<Vec<UnitFile>, ServiceError> {
+    let mountpoint = &options.mountpoint;
+    let instance_name = escape_path(mountpoint)?;
+    if instance_name == "-" {
+        return Err(ServiceError::Root);
+    }
+    let backing = match &options.backing {
+        Some(b) => b.clone(),
+        None => {
+            let mut s = mountpoint.as_os_str().to_owned();
+            s.push(".backing");
+            PathBuf::from(s)
+        }
+    };
+    check_path(&backing)?;
+    check_path(exe)?;
+    let server = &options.server_unit;
+    if !server.ends_with(".service")
+        || server.len() == ".service".len()
+        || server.contains(['/', '\n', ' '])
+    {
+        return Err(ServiceError::ServerUnit(server.clone()));
+    }
+    let instance = instance_unit(mountpoint)?;
+    let units = Path::new(UNIT_DIR);
+    Ok(vec![
+        UnitFile {
+            path: units.join(TEMPLATE),
+            text: agent_template(exe),
+        },
+        UnitFile {
+            path: Path::new(ENV_DIR).join(format!("agent-{instance_name}.env")),
+            text: environment_file(mountpoint, &backing),
+        },
+        UnitFile {
+            path: units.join(format!("{server}.d")).join("hotbackup.conf"),
+            text: server_dropin(&instance),
+        },
+    ])
+}
+
+/// Writes `files` under `root` (each replaced atomically); returns the paths written.
+pub fn install(root: &Path, files: &[UnitFile]) -> io::Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for file in files {
+        let path = root.join(&file.path);
+        let dir = path.parent().expect("unit files live in a directory");
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(file.text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(mountpoint: &str) -> ServiceOptions {
+        ServiceOptions {
+            mountpoint: mountpoint.into(),
+            backing: None,
+            server_unit: "mariadb.service".into(),
+        }
+    }
+
+    #[test]
+    fn paths_are_escaped_like_systemd_escape_path() {
+        let e = |p: &str| escape_path(Path::new(p)).unwrap();
+        assert_eq!(e("/var/lib/mysql"), "var-lib-mysql");
+        assert_eq!(e("/var//lib/mysql/"), "var-lib-mysql");
+        assert_eq!(e("/srv/my-db"), "srv-my\\x2ddb");
+        assert_eq!(e("/srv/a b"), "srv-a\\x20b");
+        assert_eq!(e("/.hidden/x.y"), "\\x2ehidden-x.y");
+        assert_eq!(e("/"), "-");
+        assert_eq!(
+            escape_path(Path::new("var/lib")),
+            Err(ServiceError::NotAbsolute("var/lib".into()))
+        );
+        assert_eq!(
+            escape_path(Path::new("/var/../lib")),
+            Err(ServiceError::NotNormal("/var/../lib".into()))
+        );
+    }
+
+    #[test]
+    fn template_runs_the_given_binary_as_a_notify_service() {
+        let t = agent_template(Path::new("/opt/hot backup/bin/hotbackup"));
+        assert!(t.contains(
+            "ExecStart=\"/opt/hot backup/bin/hotbackup\" agent --mountpoint %f \
+             --backing ${HOTBACKUP_BACKING} $HOTBACKUP_AGENT_OPTIONS\n"
+        ));
+        for line in [
+            "Type=notify",
+            "Restart=on-failure",
+            "KillSignal=SIGTERM",
+            "EnvironmentFile=/etc/hotbackup/agent-%i.env",
+            "DeviceAllow=/dev/fuse rw",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line}");
+        }
+        let caps = t
+            .lines()
+            .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+            .unwrap();
+        assert!(caps.split(' ').any(|c| c == "CAP_SYS_ADMIN"));
+        // Anything that gives the service its own mount namespace would hide the mount.
+        for key in [
+            "ProtectSystem=",
+            "ProtectHome=",
+            "PrivateTmp=",
+            "PrivateDevices=",
+            "PrivateMounts=",
+            "ReadOnlyPaths=",
+            "ProtectKernelModules=",
+        ] {
+            assert!(!t.lines().any(|l| l.starts_with(key)), "{key} set");
+        }
+    }
+
+    #[test]
+    fn specifiers_and_variables_in_the_binary_path_are_escaped() {
+        let t = agent_template(Path::new("/opt/50%$x\"/hotbackup"));
+        assert!(t.contains("ExecStart=\"/opt/50%%$$x\\\"/hotbackup\" agent"));
+    }
+
+    #[test]
+    fn units_for_a_mountpoint_name_its_instance_everywhere() {
+        let files = units(&options("/var/lib/mysql"), Path::new("/usr/bin/hotbackup")).unwrap();
+        let paths: Vec<_> = files.iter().map(|f| f.path.to_str().unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "etc/systemd/system/hotbackup-agent@.service",
+                "etc/hotbackup/agent-var-lib-mysql.env",
+                "etc/systemd/system/mariadb.service.d/hotbackup.conf",
+            ]
+        );
+        assert!(
+            files[1]
+                .text
+                .lines()
+                .any(|l| l == "HOTBACKUP_BACKING=\"/var/lib/mysql.backing\"")
+        );
+        let dropin = &files[2].text;
+        assert!(
+            dropin
+                .lines()
+                .any(|l| l == "Requires=hotbackup-agent@var-lib-mysql.service")
+        );
+        assert!(
+            dropin
+                .lines()
+                .any(|l| l == "After=hotbackup-agent@var-lib-mysql.service")
+        );
+    }
+
+    #[test]
+    fn backing_and_server_unit_can_be_chosen() {
+        let mut o = options("/srv/db");
+        o.backing = Some("/data/db \"files\"".into());
+        o.server_unit = "mysql.service".into();
+        let files = units(&o, Path::new("/usr/bin/hotbackup")).unwrap();
+        assert!(
+            files[1]
+                .text
+                .contains("HOTBACKUP_BACKING=\"/data/db \\\"files\\\"\"\n")
+        );
+        assert_eq!(
+            files[2].path,
+            Path::new("etc/systemd/system/mysql.service.d/hotbackup.conf")
+        );
+    }
+
+    #[test]
+    fn bad_options_are_refused_by_name() {
+        let exe = Path::new("/usr/bin/hotbackup");
+        assert_eq!(units(&options("/"), exe), Err(ServiceError::Root));
+        assert_eq!(
+            units(&options("db"), exe),
+            Err(ServiceError::NotAbsolute("db".into()))
+        );
+        let mut o = options("/srv/db");
+        o.server_unit = "mariadb".into();
+        assert_eq!(
+            units(&o, exe),
+            Err(ServiceError::ServerUnit("mariadb".into()))
+        );
+        o = options("/srv/db");
+        o.backing = Some("/a\nb".into());
+        assert_eq!(units(&o, exe), Err(ServiceError::Newline("/a\nb".into())));
+    }
+
+    #[test]
+    fn install_writes_every_file_under_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let files = units(&options("/var/lib/mysql"), Path::new("/usr/bin/hotbackup")).unwrap();
+        let written = install(root.path(), &files).unwrap();
+        assert_eq!(written.len(), files.len());
+        for (file, path) in files.iter().zip(&written) {
+            assert_eq!(path, &root.path().join(&file.path));
+            assert_eq!(fs::read_to_string(path).unwrap(), file.text);
+        }
+        // Installing again replaces the files and leaves no temporary behind.
+        install(root.path(), &files).unwrap();
+        let dir = root.path().join(UNIT_DIR);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    }
+}

@@ -1,0 +1,193 @@
+//! `hotbackup systemd` and the agent under a service manager: the installed units pass
+//! `systemd-analyze verify`, and the agent speaks sd_notify (READY=1 once the mount is
+//! live, STOPPING=1 on SIGTERM) to a NOTIFY_SOCKET the test listens on.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Agent, hotbackup, hotbackup_bin, is_mounted};
+
+fn stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "hotbackup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn print_shows_every_unit_with_this_binary_in_exec_start() {
+    let out = stdout(&hotbackup(&[
+        "systemd",
+        "--print",
+        "--mountpoint",
+        "/srv/db",
+    ]));
+    for header in [
+        "### /etc/systemd/system/hotbackup-agent@.service",
+        "### /etc/hotbackup/agent-srv-db.env",
+        "### /etc/systemd/system/mariadb.service.d/hotbackup.conf",
+    ] {
+        assert!(out.lines().any(|l| l == header), "no {header} in:\n{out}");
+    }
+    let exec = format!("ExecStart=\"{}\" agent ", hotbackup_bin().display());
+    assert!(
+        out.lines().any(|l| l.starts_with(&exec)),
+        "no {exec} in:\n{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l == "HOTBACKUP_BACKING=\"/srv/db.backing\"")
+    );
+    assert!(
+        out.lines()
+            .any(|l| l == "Requires=hotbackup-agent@srv-db.service")
+    );
+}
+
+#[test]
+fn a_mistaken_mountpoint_is_named() {
+    let out = hotbackup(&["systemd", "--print", "--mountpoint", "db"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("db is not an absolute path"), "{err}");
+}
+
+#[test]
+fn installed_units_pass_systemd_analyze_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let out = stdout(&hotbackup(&[
+        "systemd",
+        "--install",
+        "--root",
+        root.path().to_str().unwrap(),
+        "--mountpoint",
+        "/var/lib/mysql",
+        "--backing",
+        "/var/lib/mysql.backing",
+    ]));
+    assert!(out.contains("systemctl enable --now hotbackup-agent@var-lib-mysql.service"));
+    let units = root.path().join("etc/systemd/system");
+    assert!(units.join("hotbackup-agent@.service").is_file());
+    assert!(units.join("mariadb.service.d/hotbackup.conf").is_file());
+    let env =
+        fs::read_to_string(root.path().join("etc/hotbackup/agent-var-lib-mysql.env")).unwrap();
+    assert!(
+        env.lines()
+            .any(|l| l == "HOTBACKUP_BACKING=\"/var/lib/mysql.backing\"")
+    );
+
+    // Offline: systemd is not PID 1 here. `--root` would look for the binary and the
+    // system's targets inside the temp root too, so the units are found through
+    // SYSTEMD_UNIT_PATH instead (the trailing colon keeps the system's own unit
+    // directories, for sysinit.target and mariadb.service).
+    let mut unit_path = format!("{}:", units.display());
+    let stub = tempfile::tempdir().unwrap();
+    if !Path::new("/lib/systemd/system/mariadb.service").exists()
+        && !Path::new("/etc/systemd/system/mariadb.service").exists()
+    {
+        // Without mariadb-server the drop-in needs a unit to attach to.
+        fs::write(
+            stub.path().join("mariadb.service"),
+            "[Service]\nExecStart=/bin/true\n",
+        )
+        .unwrap();
+        unit_path.push_str(&format!("{}:", stub.path().display()));
+    }
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "--generators=no"])
+        .args(["hotbackup-agent@var-lib-mysql.service", "mariadb.service"])
+        .env("SYSTEMD_UNIT_PATH", &unit_path)
+        .output()
+        .expect("run systemd-analyze");
+    let err = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "verify failed:\n{err}");
+    // systemd-analyze exits 0 on unknown keys and bad values and only logs them.
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(units.to_str().unwrap()))
+        .collect();
+    assert!(ours.is_empty(), "verify complained:\n{err}");
+
+    // The drop-in took effect: the server requires and starts after the agent instance.
+    let deps = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "--generators=no"])
+        .env("SYSTEMD_UNIT_PATH", &unit_path)
+        .env("SYSTEMD_LOG_LEVEL", "debug")
+        .arg("mariadb.service")
+        .output()
+        .expect("run systemd-analyze");
+    let dump = String::from_utf8_lossy(&deps.stdout);
+    for line in [
+        "Requires: hotbackup-agent@var-lib-mysql.service",
+        "After: hotbackup-agent@var-lib-mysql.service",
+    ] {
+        assert!(
+            dump.lines().any(|l| l.trim().starts_with(line)),
+            "mariadb.service lacks {line}:\n{dump}"
+        );
+    }
+}
+
+/// Receives one notification, waiting up to `timeout`.
+fn receive(socket: &UnixDatagram, timeout: Duration) -> String {
+    socket.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification in time");
+    String::from_utf8(buf[..n].to_vec()).unwrap()
+}
+
+/// Starts an agent that notifies `notify_socket`, asserts READY=1 arrives with the mount
+/// already live, then SIGTERM and STOPPING=1 with a clean exit.
+fn ready_then_stopping(listener: &UnixDatagram, notify_socket: &OsStr) {
+    let mut agent = Agent::launch(&[], &[("NOTIFY_SOCKET", notify_socket)]);
+    let started = Instant::now();
+    let ready = receive(listener, Duration::from_secs(20));
+    // Checked before anything else waits: READY=1 must not come before the mount.
+    let mounted = is_mounted(&agent.mountpoint);
+    let socket = agent.socket.exists();
+    assert!(
+        ready.lines().any(|l| l == "READY=1"),
+        "first notification is {ready:?}"
+    );
+    assert!(mounted, "READY=1 came before the mount was live");
+    assert!(socket, "READY=1 came before the control socket existed");
+    assert!(
+        ready.lines().any(|l| l.starts_with("STATUS=serving ")),
+        "{ready:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    let (status, stderr) = agent.stop();
+    assert!(status.success(), "agent exited {status}: {stderr}");
+    let stopping = receive(listener, Duration::from_secs(5));
+    assert!(
+        stopping.lines().any(|l| l == "STOPPING=1"),
+        "after SIGTERM: {stopping:?}"
+    );
+    assert!(!is_mounted(&agent.mountpoint));
+}
+
+#[test]
+fn agent_notifies_ready_and_stopping_on_a_path_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let listener = UnixDatagram::bind(&path).unwrap();
+    ready_then_stopping(&listener, path.as_os_str());
+}
+
+#[test]
+fn agent_notifies_ready_and_stopping_on_an_abstract_socket() {
+    let name = format!("hotbackup-test-notify-{}", std::process::id());
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let listener = UnixDatagram::bind_addr(&addr).unwrap();
+    ready_then_stopping(&listener, OsStr::new(&format!("@{name}")));
+}
