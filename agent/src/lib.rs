@@ -11,6 +11,7 @@ pub mod db;
 pub mod history;
 pub mod image;
 pub mod manifest;
+pub mod metrics;
 pub mod options;
 pub mod replica;
 pub mod restore;
