@@ -9,6 +9,7 @@ pub mod copy;
 pub mod daemon;
 pub mod db;
 pub mod history;
+pub mod host;
 pub mod image;
 pub mod manifest;
 pub mod metrics;
