@@ -18,6 +18,7 @@ use crate::db::flavor::{self, Dialect, Flavor, PlanFacts};
 use crate::db::server::{self, ServerFacts};
 use crate::db::{Db, DbError, Sql, Target};
 use crate::history::History;
+use crate::metrics;
 use crate::options::CopyOptions;
 
 mod safe_slave;
@@ -55,6 +56,12 @@ pub struct BackupOptions {
     /// Where the backup history goes (one JSON line per state change).
     #[arg(long, value_name = "PATH", default_value = crate::history::DEFAULT_FILE)]
     pub history_file: PathBuf,
+    /// After every backup (success, error or cancel), write its outcome here in the
+    /// Prometheus text format, for node_exporter's textfile collector (name it
+    /// `*.prom` in the collector's directory). A file that cannot be written is a
+    /// warning, never a failed backup.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for BackupOptions {
@@ -67,6 +74,7 @@ impl Default for BackupOptions {
             safe_slave_backup_timeout: 300,
             copy_config: Vec::new(),
             history_file: PathBuf::from(crate::history::DEFAULT_FILE),
+            metrics_file: None,
         }
     }
 }
@@ -144,11 +152,45 @@ pub fn agent_for(datadir: &Path) -> Result<(AgentAddress, PathBuf), BackupError>
     }
 }
 
-/// Runs a backup of the server at `conn` into `target`.
+/// Runs a backup of the server at `conn` into `target`, and records its outcome in the
+/// metrics file, if one is named.
 pub fn run(
     conn: &Target,
     target: &Path,
     options: &BackupOptions,
+    mut events: impl FnMut(Event<'_>),
+) -> Result<BackupSummary, BackupError> {
+    let started = std::time::Instant::now();
+    let mut mountpoint = PathBuf::new();
+    let result = run_backup(conn, target, options, &mut mountpoint, &mut events);
+    if let Some(path) = &options.metrics_file {
+        let attempt = metrics::Attempt {
+            mountpoint: mountpoint.to_string_lossy().into_owned(),
+            ended: metrics::epoch_secs(std::time::SystemTime::now()),
+            duration_secs: started.elapsed().as_secs_f64(),
+            success: result.as_ref().ok().map(|s| metrics::SuccessValues {
+                commit_block_ms: s.lock.commit_block_ms,
+                bytes: s.image.bytes,
+                bytes_copied: s.image.bytes_copied,
+                bytes_mirrored: s.image.bytes_mirrored,
+            }),
+        };
+        if let Err(e) = metrics::record(path, &attempt) {
+            events(Event::Note(format!(
+                "WARNING: could not write the metrics file {}: {e}; the backup's own outcome is unaffected",
+                path.display()
+            )));
+        }
+    }
+    result
+}
+
+/// The backup itself; `mountpoint` is set as soon as the server's mount is known.
+fn run_backup(
+    conn: &Target,
+    target: &Path,
+    options: &BackupOptions,
+    mountpoint_out: &mut PathBuf,
     mut events: impl FnMut(Event<'_>),
 ) -> Result<BackupSummary, BackupError> {
     let session_options = options
@@ -195,6 +237,7 @@ pub fn run(
         ),
         None => agent_for(&facts.datadir)?,
     };
+    mountpoint_out.clone_from(&mountpoint);
     if !mountpoint.as_os_str().is_empty() {
         for (setting, path) in &facts.paths {
             let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());

@@ -67,18 +67,23 @@ impl AgentAddress {
 pub fn socket_of_mountpoint(mountpoint: &Path) -> Result<PathBuf, ClientError> {
     let entry = mountinfo::mount_at(mountpoint)
         .ok_or_else(|| ClientError::NotMounted(mountpoint.into()))?;
+    agent_socket(&entry).ok_or_else(|| ClientError::ForeignMount {
+        path: mountpoint.into(),
+        fstype: entry.fstype,
+    })
+}
+
+/// The control socket of the agent serving `entry`, if it is a hotbackup mount (a FUSE
+/// mount whose source is `hotbackup:SOCKET`).
+pub fn agent_socket(entry: &mountinfo::MountEntry) -> Option<PathBuf> {
     let socket = entry
         .source
         .as_encoded_bytes()
-        .strip_prefix(SOURCE_PREFIX.as_bytes())
-        .map(|s| PathBuf::from(std::ffi::OsStr::from_bytes(s)));
-    match socket {
-        Some(socket) if entry.fstype.starts_with("fuse") => Ok(socket),
-        _ => Err(ClientError::ForeignMount {
-            path: mountpoint.into(),
-            fstype: entry.fstype,
-        }),
-    }
+        .strip_prefix(SOURCE_PREFIX.as_bytes())?;
+    entry
+        .fstype
+        .starts_with("fuse")
+        .then(|| PathBuf::from(std::ffi::OsStr::from_bytes(socket)))
 }
 
 /// Connects to the agent; `idle` bounds every later wait for a line.

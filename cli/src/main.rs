@@ -15,7 +15,7 @@ use agent::backup::BackupOptions;
 use agent::db::ConnectionOptions;
 use agent::{AgentAddress, AgentOptions, AgentStatus, CopyOptions, Request, Response};
 use anyhow::{Context, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use render::bytes;
 
 mod image_cmds;
@@ -42,13 +42,21 @@ enum Command {
         #[arg(long, default_value = "info")]
         log_level: String,
     },
-    /// Show what an agent serves, for how long, and its counters.
+    /// Show what an agent serves, for how long, and its counters; with no
+    /// --mountpoint/--socket, the whole host: every hotbackup mount, its agent, a running
+    /// backup's progress, and the last backups from the history.
     Status {
         #[command(flatten)]
         agent: AgentArgs,
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
+        /// The backup history to show the last backups from (the whole host's status).
+        #[arg(long, value_name = "PATH", default_value = agent::history::DEFAULT_FILE)]
+        history_file: PathBuf,
+        /// How many of the last backups to show (the whole host's status).
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        last: usize,
     },
     /// Copy everything under the mount into a new directory: an exact image of the tree
     /// at one instant, taken while applications keep writing (no database coordination).
@@ -156,8 +164,9 @@ enum Command {
     },
 }
 
+/// Which agent: `copy` and `unmount` need one; `status` without one shows the host.
 #[derive(Args)]
-#[group(required = true, multiple = false)]
+#[group(multiple = false)]
 struct AgentArgs {
     /// The agent's mountpoint (its socket is found from the mount table).
     #[arg(long)]
@@ -168,12 +177,25 @@ struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn address(&self) -> AgentAddress {
+    /// The agent named, if one is.
+    fn named(&self) -> Option<AgentAddress> {
         match (&self.socket, &self.mountpoint) {
-            (Some(s), _) => AgentAddress::Socket(s.clone()),
-            (None, Some(m)) => AgentAddress::Mountpoint(m.clone()),
-            (None, None) => unreachable!("clap requires one of them"),
+            (Some(s), _) => Some(AgentAddress::Socket(s.clone())),
+            (None, Some(m)) => Some(AgentAddress::Mountpoint(m.clone())),
+            (None, None) => None,
         }
+    }
+
+    /// The agent named; with none, clap's usage error and exit code 2.
+    fn address(&self) -> AgentAddress {
+        self.named().unwrap_or_else(|| {
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "name the agent: --mountpoint DIR or --socket PATH",
+                )
+                .exit()
+        })
     }
 }
 
@@ -259,7 +281,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             agent::run_agent(&options)?;
             Ok(())
         }
-        Command::Status { agent, json } => {
+        Command::Status {
+            agent,
+            json,
+            history_file,
+            last,
+        } if agent.named().is_none() => {
+            let host = agent::host::status(&history_file, last);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&host)?);
+            } else {
+                print!("{}", render::host_status(&host));
+            }
+            Ok(())
+        }
+        Command::Status { agent, json, .. } => {
             let status = match agent::client::call(&agent.address(), &Request::Status)? {
                 Response::Status(s) => *s,
                 Response::Error { message, .. } => bail!("{message}"),
@@ -484,7 +520,7 @@ fn print_status(s: &AgentStatus) {
     }
 }
 
-fn duration(secs: f64) -> String {
+pub(crate) fn duration(secs: f64) -> String {
     let s = secs as u64;
     match s {
         0..60 => format!("{s}s"),

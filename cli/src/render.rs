@@ -173,3 +173,97 @@ pub fn backup_summary(s: &agent::backup::BackupSummary, json: bool) -> String {
     }
     out
 }
+
+/// `hotbackup status` of the whole host: the mounts and their agents, then the last
+/// backups, as two tables.
+pub fn host_status(s: &agent::host::HostStatus) -> String {
+    let mut agents = vec![[
+        "MOUNTPOINT".to_string(),
+        "AGENT".to_string(),
+        "BACKUP RUNNING".to_string(),
+    ]];
+    for a in &s.agents {
+        let (agent, session) = match (&a.status, &a.error) {
+            (Some(st), _) => (
+                format!("pid {}, up {}", st.pid, crate::duration(st.uptime_secs)),
+                st.session.as_ref().map_or("none".to_string(), |p| {
+                    format!(
+                        "{:?}: {}/{} files, {} of {} copied, {} mirrored",
+                        p.phase.unwrap_or(agent::Phase::Copying),
+                        p.files_copied,
+                        p.files_total,
+                        bytes(p.bytes_copied),
+                        bytes(p.bytes_total),
+                        bytes(p.bytes_mirrored)
+                    )
+                }),
+            ),
+            (None, error) => (
+                format!("no answer: {}", error.as_deref().unwrap_or("unknown")),
+                "?".to_string(),
+            ),
+        };
+        agents.push([a.mountpoint.display().to_string(), agent, session]);
+    }
+    let mut out = if s.agents.is_empty() {
+        "no hotbackup mounts on this host\n".to_string()
+    } else {
+        table(&agents)
+    };
+    out.push('\n');
+    match &s.history_error {
+        Some(e) => out.push_str(&format!(
+            "the history {} cannot be read: {e}\n",
+            s.history_file.display()
+        )),
+        None if s.backups.is_empty() => out.push_str(&format!(
+            "no backups in the history {}\n",
+            s.history_file.display()
+        )),
+        None => {
+            out.push_str(&format!(
+                "last backups (newest first, from {}):\n",
+                s.history_file.display()
+            ));
+            let mut rows = vec![[
+                "STARTED".to_string(),
+                "ENDED".to_string(),
+                "STATE".to_string(),
+                "TARGET".to_string(),
+                "DETAIL".to_string(),
+            ]];
+            for b in &s.backups {
+                rows.push([
+                    b.started.clone(),
+                    b.updated.clone(),
+                    b.state.clone(),
+                    b.target.display().to_string(),
+                    b.detail.clone().unwrap_or_default(),
+                ]);
+            }
+            out.push_str(&table(&rows));
+        }
+    }
+    out
+}
+
+/// Rows as left-aligned columns, two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
