@@ -71,18 +71,7 @@ pub fn compare_at_one_gtid(
     } else {
         format!(" {}", quote(connection))
     };
-    let uses_gtid = db
-        .rows("SHOW ALL SLAVES STATUS")?
-        .iter()
-        .find(|r| {
-            r.get("Connection_name")
-                .cloned()
-                .flatten()
-                .unwrap_or_default()
-                == connection
-        })
-        .and_then(|r| r.get("Using_Gtid").cloned().flatten())
-        .is_some_and(|u| u != "No");
+    let uses_gtid = status_of(db, connection)?.uses_gtid;
     db.exec(&format!("STOP SLAVE{name}"))?;
     let until = if uses_gtid {
         format!("MASTER_GTID_POS = {}", quote(&gtid))

@@ -373,6 +373,8 @@ fn wait_caught_up(
 }
 
 pub(crate) struct Status {
+    /// The connection finds its position by GTID (`Using_Gtid` is not `No`).
+    pub uses_gtid: bool,
     pub io_running: bool,
     pub sql_running: bool,
     pub behind: Option<u64>,
@@ -398,6 +400,7 @@ pub(crate) fn status_of(db: &mut Db, connection: &str) -> Result<Status, Replica
         .collect::<Vec<_>>()
         .join("; ");
     Ok(Status {
+        uses_gtid: !matches!(get("Using_Gtid").as_str(), "" | "No"),
         io_running: get("Slave_IO_Running") == "Yes",
         sql_running: get("Slave_SQL_Running") == "Yes",
         behind: get("Seconds_Behind_Master").parse().ok(),
