@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,7 +19,9 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 
 pub(super) struct TempServer {
     child: Child,
-    dir: PathBuf,
+    /// Holds the socket, pid file, log and init file; removed when dropped, after
+    /// `Drop` has stopped the server.
+    _dir: tempfile::TempDir,
     socket: PathBuf,
     password: String,
     log: PathBuf,
@@ -37,15 +39,19 @@ impl TempServer {
             .flatten()
             .map(|u| u.name)
             .unwrap_or_else(|| "root".into());
-        let dir = tempdir().map_err(|e| failed("creating a private directory", &e))?;
+        // Created 0700 by tempfile.
+        let dir = tempfile::Builder::new()
+            .prefix("hotbackup-restore-")
+            .tempdir()
+            .map_err(|e| failed("creating a private directory", &e))?;
         let give = |p: &Path| {
             std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid()))
                 .map_err(|e| failed("creating a private directory", &e))
         };
-        give(&dir)?;
-        let socket = dir.join("mariadbd.sock");
+        give(dir.path())?;
+        let socket = dir.path().join("mariadbd.sock");
         let password = random_password().map_err(|e| failed("reading /dev/urandom", &e))?;
-        let init = dir.join("init.sql");
+        let init = dir.path().join("init.sql");
         fs::write(
             &init,
             format!(
@@ -56,7 +62,7 @@ impl TempServer {
         )
         .map_err(|e| failed("writing the init file", &e))?;
         give(&init)?;
-        let log = dir.join("mariadbd.err");
+        let log = dir.path().join("mariadbd.err");
         events(RestoreEvent::Note(format!(
             "starting a private server on {} (socket {}, no networking, no replication)",
             restore.datadir.display(),
@@ -66,7 +72,10 @@ impl TempServer {
             .arg(format!("--defaults-file={}", restore.config.display()))
             .arg(format!("--datadir={}", restore.datadir.display()))
             .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
+            .arg(format!(
+                "--pid-file={}",
+                dir.path().join("mariadbd.pid").display()
+            ))
             .arg(format!("--log-error={}", log.display()))
             .arg(format!("--init-file={}", init.display()))
             .arg(format!("--user={user}"))
@@ -78,7 +87,7 @@ impl TempServer {
             .map_err(|e| failed("starting mariadbd", &e))?;
         let mut server = TempServer {
             child,
-            dir,
+            _dir: dir,
             socket,
             password,
             log,
@@ -177,7 +186,6 @@ impl Drop for TempServer {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -206,22 +214,6 @@ fn tail(log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-fn tempdir() -> io::Result<PathBuf> {
-    let base = std::env::temp_dir();
-    for i in 0..100u32 {
-        let p = base.join(format!("hotbackup-restore-{}-{i}", std::process::id()));
-        match fs::create_dir(&p) {
-            Ok(()) => {
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o700))?;
-                return Ok(p);
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(io::Error::other("no free temporary directory name"))
 }
 
 /// A program of the server's packages: PATH first, then the sbin directories.
