@@ -116,7 +116,7 @@ pub(crate) fn prepare_target(
 }
 
 /// The absolute path `p` would have, resolving symlinks in the part that exists.
-fn resolve_nonexistent(p: &Path) -> io::Result<PathBuf> {
+pub(crate) fn resolve_nonexistent(p: &Path) -> io::Result<PathBuf> {
     let abs = if p.is_absolute() {
         p.to_path_buf()
     } else {

@@ -94,7 +94,7 @@ pub enum RestoreError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("point-in-time recovery failed: {0}")]
+    #[error("the restore's private server failed: {0}")]
     Replay(String),
 }
 

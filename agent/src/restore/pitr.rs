@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::RestorePlan;
 use super::temp_server::{TempServer, program, succeeded};
 use super::{RestoreError, RestoreOptions};
 use crate::image::{BinlogCoordinates, Image};
@@ -69,7 +68,6 @@ impl PitrPlan {
 
 pub(super) fn plan(
     image: &Image,
-    _restore: &RestorePlan,
     options: &RestoreOptions,
 ) -> Result<Option<PitrPlan>, RestoreError> {
     let refuse = |s: String| Err(RestoreError::Refused(s));
@@ -359,25 +357,52 @@ fn lines_up(image: &Image, start: &BinlogCoordinates, replay: &Path) -> Result<(
     let Some(own) = own.filter(|p| p.exists()) else {
         return Ok(()); // nothing to compare with (an image without its binlog)
     };
-    let (a, b) = match (fs::read(&own), fs::read(replay)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => return refuse(e.to_string()),
-    };
-    let pos = start.position as usize;
-    if b.len() < pos {
-        return refuse(format!(
-            "it holds {} bytes, fewer than the position",
-            b.len()
-        ));
+    match same_prefix(&own, replay, start.position) {
+        Ok(None) => Ok(()),
+        Ok(Some(why)) => refuse(why),
+        Err(e) => refuse(e.to_string()),
     }
-    let first_event_end = a
-        .get(13..17)
-        .map(|s| 4 + u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize);
-    let from = first_event_end.unwrap_or(4).min(pos);
-    if a.len() < pos || a[from..pos] != b[from..pos] {
-        return refuse("its bytes before the position differ".into());
+}
+
+/// Whether `replay` holds the bytes of `own` before `pos`, skipping the first event
+/// (its in-use flag differs once the server closed the file); Some(why) if not. Read
+/// in chunks: binlog files can be large.
+fn same_prefix(own: &Path, replay: &Path, pos: u64) -> std::io::Result<Option<String>> {
+    use std::io::{Seek, SeekFrom};
+    let (mut a, mut b) = (fs::File::open(own)?, fs::File::open(replay)?);
+    let len = b.metadata()?.len();
+    if len < pos {
+        return Ok(Some(format!(
+            "it holds {len} bytes, fewer than the position"
+        )));
     }
-    Ok(())
+    if a.metadata()?.len() < pos {
+        return Ok(Some("its bytes before the position differ".into()));
+    }
+    let mut header = [0u8; 17];
+    let from = match a.read_exact(&mut header) {
+        Ok(()) => {
+            4 + u64::from(u32::from_le_bytes([
+                header[13], header[14], header[15], header[16],
+            ]))
+        }
+        Err(_) => 4,
+    }
+    .min(pos);
+    a.seek(SeekFrom::Start(from))?;
+    b.seek(SeekFrom::Start(from))?;
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut left = pos - from;
+    while left > 0 {
+        let n = left.min(x.len() as u64) as usize;
+        a.read_exact(&mut x[..n])?;
+        b.read_exact(&mut y[..n])?;
+        if x[..n] != y[..n] {
+            return Ok(Some("its bytes before the position differ".into()));
+        }
+        left -= n as u64;
+    }
+    Ok(None)
 }
 
 fn split_binlog_name(name: &str) -> Option<(&str, u64)> {

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -166,7 +166,8 @@ fn copy_file(
     let to = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode_private()
+        // Unreadable to others until its real mode is set.
+        .mode(0o600)
         .open(dst)?;
     let mut cloned = false;
     if reflink_works.load(Relaxed) {
@@ -338,16 +339,5 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => File::open(p)?.sync_all(),
         _ => Ok(()),
-    }
-}
-
-trait PrivateMode {
-    fn mode_private(&mut self) -> &mut Self;
-}
-
-impl PrivateMode for fs::OpenOptions {
-    /// Created unreadable to others until its real mode is set.
-    fn mode_private(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }

@@ -57,7 +57,7 @@ pub fn plan(image: &Image, options: &RestoreOptions) -> Result<RestorePlan, Rest
         return refuse("--datadir must name the directory to restore into".into());
     }
     let image_dir = fs::canonicalize(&image.dir).unwrap_or_else(|_| image.dir.clone());
-    let resolved_root = resolve_nonexistent(&root);
+    let resolved_root = crate::copy::resolve_nonexistent(&root).unwrap_or_else(|_| root.clone());
     if resolved_root.starts_with(&image_dir) || image_dir.starts_with(&resolved_root) {
         return refuse(format!(
             "--datadir {} and the backup {} overlap; restore into a directory outside the backup",
@@ -206,7 +206,15 @@ pub fn plan(image: &Image, options: &RestoreOptions) -> Result<RestorePlan, Rest
     }
     let config = datadir.join("hotbackup-restored.cnf");
     let config_text = config_text(&settings, &datadir, &map);
-    let mut plan = RestorePlan {
+    let pitr = pitr::plan(image, options)?;
+    let new_history = match image.binlog() {
+        Some(b) if !options.keep_binlog_history => {
+            let data_gtid = pitr.as_ref().map_or(b.gtid.clone(), |p| p.reached.clone());
+            NewHistory::new(&b.file, &b.gtid, &data_gtid)
+        }
+        _ => None,
+    };
+    Ok(RestorePlan {
         image_dir,
         root,
         datadir,
@@ -221,20 +229,9 @@ pub fn plan(image: &Image, options: &RestoreOptions) -> Result<RestorePlan, Rest
         strip,
         config,
         config_text,
-        pitr: None,
-        new_history: None,
-    };
-    plan.pitr = pitr::plan(image, &plan, options)?;
-    if !options.keep_binlog_history
-        && let Some(b) = image.binlog()
-    {
-        let data_gtid = plan
-            .pitr
-            .as_ref()
-            .map_or(b.gtid.clone(), |p| p.reached.clone());
-        plan.new_history = NewHistory::new(&b.file, &b.gtid, &data_gtid);
-    }
-    Ok(plan)
+        pitr,
+        new_history,
+    })
 }
 
 /// master.info, relay-log.info, their multi-source twins, relay logs.
@@ -360,13 +357,6 @@ fn nearest_existing(p: &Path) -> PathBuf {
         }
     }
     cur
-}
-
-/// The canonical form of a path that may not exist yet.
-fn resolve_nonexistent(p: &Path) -> PathBuf {
-    let base = nearest_existing(p);
-    let rest = p.strip_prefix(&base).unwrap_or(Path::new(""));
-    fs::canonicalize(&base).unwrap_or(base).join(rest)
 }
 
 pub(super) fn human(n: u64) -> String {
