@@ -176,23 +176,27 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
     assert!(load.wait_until_acked(20, Duration::from_secs(60)));
     let port = source.port().to_string();
     let socket = restored.socket().display().to_string();
-    let (out, stdout, stderr) = run(&[
-        "replica",
-        target.to_str().unwrap(),
-        "--no-defaults",
-        "--socket",
-        &socket,
-        "--user=root",
-        "--source-host=127.0.0.1",
-        "--source-port",
-        &port,
-        "--source-user",
-        REPL_USER,
-        "--source-password-file",
-        pw.to_str().unwrap(),
-        "--wait",
-        "--verify-checksums",
-    ]);
+    // `hotbackup replica` of the restored server from the source, with `extra` options.
+    let replica = |extra: &[&str]| {
+        let mut args = vec![
+            "replica",
+            target.to_str().unwrap(),
+            "--no-defaults",
+            "--socket",
+            &socket,
+            "--user=root",
+            "--source-host=127.0.0.1",
+            "--source-port",
+            &port,
+            "--source-user",
+            REPL_USER,
+            "--source-password-file",
+            pw.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (out, stdout, stderr) = replica(&["--wait", "--verify-checksums"]);
     load.stop();
     assert!(out.status.success(), "replica failed:\n{stdout}\n{stderr}");
     assert!(
@@ -232,24 +236,7 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
          DELETE FROM {LOAD_SCHEMA}.innodb_rows ORDER BY worker, seq LIMIT 1"
     ));
     let at = restored.value("SELECT @@GLOBAL.gtid_slave_pos");
-    let (out, stdout, stderr) = run(&[
-        "replica",
-        target.to_str().unwrap(),
-        "--no-defaults",
-        "--socket",
-        &socket,
-        "--user=root",
-        "--source-host=127.0.0.1",
-        "--source-port",
-        &port,
-        "--source-user",
-        REPL_USER,
-        "--source-password-file",
-        pw.to_str().unwrap(),
-        "--gtid",
-        &at,
-        "--verify-checksums",
-    ]);
+    let (out, stdout, stderr) = replica(&["--gtid", &at, "--verify-checksums"]);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(
         stderr.contains(&format!(
