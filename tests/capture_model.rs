@@ -220,6 +220,8 @@ struct Case {
     chunk_kib: u64,
     parallel: usize,
     open_image_files: u64,
+    /// Image writeback paced with a window of this many chunks (0: off).
+    paced_chunks: u64,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -238,14 +240,16 @@ fn case() -> impl Strategy<Value = Case> {
         prop::sample::select(vec![4u64, 16, 64]),
         1usize..3,
         prop::sample::select(vec![0u64, 1, 256]),
+        prop::sample::select(vec![0u64, 8]),
     )
         .prop_map(
-            |(initial, writers, chunk_kib, parallel, open_image_files)| Case {
+            |(initial, writers, chunk_kib, parallel, open_image_files, paced_chunks)| Case {
                 initial,
                 writers,
                 chunk_kib,
                 parallel,
                 open_image_files,
+                paced_chunks,
             },
         )
 }
@@ -286,6 +290,9 @@ fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
         // Keep at most one image file open, so that mirroring often reopens by name.
         max_open_image_files: case.open_image_files,
         exclude: vec![EXCLUDED.into()],
+        // With pacing, writeback waits interleave with the writers and the mirroring.
+        writeback_window: case.paced_chunks * case.chunk_kib * 1024,
+        ..SessionOptions::default()
     });
     let pause = Barrier::new(case.writers.len() + 1);
     let resume = Barrier::new(case.writers.len() + 1);
@@ -554,6 +561,7 @@ fn regression_small_file_tail_not_marked_copied() {
             chunk_kib: 64,
             parallel: 1,
             open_image_files: 256,
+            paced_chunks: 0,
         },
         20,
     );

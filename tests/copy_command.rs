@@ -399,3 +399,43 @@ fn throttle_limits_the_copier() {
         "4 MiB at 2 MB/s took only {took:?}"
     );
 }
+
+#[test]
+fn throttle_auto_backs_off_while_the_application_suffers() {
+    let agent = Agent::start();
+    fill(&agent, 2, 32 << 20);
+    // The application: small writes, each fsynced, for the first 3 s of the copy. Every
+    // fsync takes longer than the budget of 10 µs, so the copier must keep halving its
+    // rate: at most ~30 MB can move in those 3 s, and the tree holds 64 MiB.
+    let app = agent.mnt("db/redo");
+    let suffer = Duration::from_secs(3);
+    let writer = std::thread::spawn(move || {
+        let f = File::create(&app).unwrap();
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < suffer {
+            f.write_all_at(&[n as u8; 4096], (n % 256) * 4096).unwrap();
+            f.sync_data().unwrap();
+            n += 1;
+        }
+        n
+    });
+    let started = Instant::now();
+    let out = copy(
+        &agent,
+        &agent.dir.path().join("paced"),
+        &["--throttle", "auto", "--latency-budget", "0.01"],
+    );
+    let took = started.elapsed();
+    let syncs = writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(syncs > 10, "the application synced only {syncs} times");
+    assert!(
+        took >= suffer,
+        "64 MiB were copied in {took:?} while every fsync was over budget"
+    );
+}

@@ -218,6 +218,8 @@ fn hash_and_sync(
         let handles: Vec<_> = (0..parallel)
             .map(|_| {
                 scope.spawn(|| {
+                    // The database runs on: checksumming the image is background work.
+                    capture::session::background_thread();
                     let mut out = Vec::new();
                     loop {
                         if counters.cancelled.load(Relaxed) {

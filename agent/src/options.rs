@@ -2,7 +2,7 @@
 //! configuration file or the control protocol (serde) and the library all read this
 //! struct, so they cannot disagree.
 
-use capture::session::SessionOptions;
+use capture::session::{CopierPriority, SessionOptions};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -12,12 +12,62 @@ pub struct CopyOptions {
     /// database less).
     #[arg(long, default_value_t = 2)]
     pub parallel: usize,
-    /// Limit the copier to this many MB/s (writes are always mirrored at full speed).
-    #[arg(long, value_name = "MB/s")]
-    pub throttle: Option<f64>,
+    /// Limit the copier to this many MB/s, or `auto`: pace it by the database's own
+    /// write and sync latency on the mount, within --latency-budget (writes are always
+    /// mirrored at full speed).
+    #[arg(long, value_name = "MB/s|auto")]
+    pub throttle: Option<Throttle>,
+    /// With --throttle auto: the mean sync latency (ms) the database may see while the
+    /// copier runs [default: twice what it saw on this mount before the backup].
+    #[arg(long, value_name = "MS", requires = "throttle")]
+    pub latency_budget: Option<f64>,
     /// Leave out entries matching this glob (relative to the mount root); repeatable.
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// CPU and I/O priority of the copier: background (nice 10, idle I/O class: the
+    /// database's requests go first) or normal.
+    #[arg(long, value_enum, default_value_t = Priority::Background)]
+    pub priority: Priority,
+    /// MB of image writes each copier thread keeps in flight before it waits for the
+    /// disk (0: leave writeback to the kernel, which sends it in bursts the database's
+    /// fsyncs queue behind).
+    #[arg(long, value_name = "MB", default_value_t = 8)]
+    pub writeback_window: u64,
+}
+
+/// `--throttle`: a rate in MB/s, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Throttle {
+    Rate(f64),
+    Auto(Auto),
+}
+
+/// The word `auto` (in a config file: `throttle = "auto"`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Auto {
+    Auto,
+}
+
+impl std::str::FromStr for Throttle {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Throttle, String> {
+        if s == "auto" {
+            return Ok(Throttle::Auto(Auto::Auto));
+        }
+        s.parse()
+            .map(Throttle::Rate)
+            .map_err(|_| format!("{s:?} is neither a number of MB/s nor `auto`"))
+    }
+}
+
+/// `--priority`: the command-line face of [`CopierPriority`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Background,
+    Normal,
 }
 
 impl Default for CopyOptions {
@@ -25,7 +75,10 @@ impl Default for CopyOptions {
         CopyOptions {
             parallel: 2,
             throttle: None,
+            latency_budget: None,
             exclude: Vec::new(),
+            priority: Priority::Background,
+            writeback_window: 8,
         }
     }
 }
@@ -34,8 +87,12 @@ impl Default for CopyOptions {
 pub enum OptionsError {
     #[error("--parallel must be at least 1")]
     Parallel,
-    #[error("--throttle must be a positive number of MB/s")]
+    #[error("--throttle must be a positive number of MB/s, or auto")]
     Throttle,
+    #[error("--latency-budget goes with --throttle auto")]
+    BudgetWithoutAuto,
+    #[error("--latency-budget must be a positive number of milliseconds")]
+    Budget,
     #[error("{0}")]
     Exclude(String),
 }
@@ -46,13 +103,31 @@ impl CopyOptions {
         if self.parallel == 0 {
             return Err(OptionsError::Parallel);
         }
-        if self.throttle.is_some_and(|t| t.is_nan() || t <= 0.0) {
-            return Err(OptionsError::Throttle);
-        }
+        let rate = match self.throttle {
+            Some(Throttle::Rate(t)) if t.is_nan() || t <= 0.0 => {
+                return Err(OptionsError::Throttle);
+            }
+            Some(Throttle::Rate(t)) => Some((t * 1_000_000.0) as u64),
+            _ => None,
+        };
+        let auto = matches!(self.throttle, Some(Throttle::Auto(_)));
+        let budget = match self.latency_budget {
+            Some(_) if !auto => return Err(OptionsError::BudgetWithoutAuto),
+            Some(ms) if ms.is_nan() || ms <= 0.0 => return Err(OptionsError::Budget),
+            Some(ms) => Some((ms * 1000.0) as u64),
+            None => None,
+        };
         let options = SessionOptions {
             parallel: self.parallel,
-            throttle_bytes_per_sec: self.throttle.map(|t| (t * 1_000_000.0) as u64),
+            throttle_bytes_per_sec: rate,
+            throttle_auto: auto,
+            latency_budget_us: budget,
             exclude: self.exclude.clone(),
+            priority: match self.priority {
+                Priority::Background => CopierPriority::Background,
+                Priority::Normal => CopierPriority::Normal,
+            },
+            writeback_window: self.writeback_window << 20,
             ..SessionOptions::default()
         };
         options
@@ -88,6 +163,17 @@ mod tests {
             serde_json::from_str(r#"{"parallel": 3, "throttle": 50.0, "exclude": ["tmp/*"]}"#)
                 .unwrap();
         assert_eq!(cli.copy, config);
+        let auto = Cli::parse_from(["x", "--throttle", "auto", "--latency-budget", "2.5"]);
+        let auto_config: CopyOptions =
+            serde_json::from_str(r#"{"throttle": "auto", "latency_budget": 2.5}"#).unwrap();
+        assert_eq!(auto.copy, auto_config);
+        let s = auto_config.session().unwrap();
+        assert!(s.throttle_auto);
+        assert_eq!(
+            (s.latency_budget_us, s.throttle_bytes_per_sec),
+            (Some(2500), None)
+        );
+        assert!(Cli::try_parse_from(["x", "--throttle", "fast"]).is_err());
         let s = config.session().unwrap();
         assert_eq!(s.throttle_bytes_per_sec, Some(50_000_000));
         assert_eq!(s.parallel, 3);
@@ -107,7 +193,21 @@ mod tests {
             o.session().unwrap_err()
         };
         assert_eq!(bad(|o| o.parallel = 0), OptionsError::Parallel);
-        assert_eq!(bad(|o| o.throttle = Some(0.0)), OptionsError::Throttle);
+        assert_eq!(
+            bad(|o| o.throttle = Some(Throttle::Rate(0.0))),
+            OptionsError::Throttle
+        );
+        assert_eq!(
+            bad(|o| o.latency_budget = Some(3.0)),
+            OptionsError::BudgetWithoutAuto
+        );
+        assert_eq!(
+            bad(|o| {
+                o.throttle = Some(Throttle::Auto(Auto::Auto));
+                o.latency_budget = Some(-1.0)
+            }),
+            OptionsError::Budget
+        );
         assert!(matches!(
             bad(|o| o.exclude = vec!["a[".into()]),
             OptionsError::Exclude(_)

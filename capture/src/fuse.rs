@@ -6,7 +6,7 @@ use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags,
@@ -33,7 +33,12 @@ impl FuseAdapter {
 
     fn run<T>(&self, op: Op, call: impl FnOnce(&PassthroughFs) -> FsResult<T>) -> Result<T, Errno> {
         self.fs.stats.count(op);
-        match catch_unwind(AssertUnwindSafe(|| call(&self.fs))) {
+        let timed = matches!(op, Op::write | Op::fsync | Op::fsyncdir).then(Instant::now);
+        let outcome = catch_unwind(AssertUnwindSafe(|| call(&self.fs)));
+        if let Some(t0) = timed {
+            self.fs.stats.latency.record(op, t0.elapsed());
+        }
+        match outcome {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.fs.stats.error(e.errno() as i32);

@@ -58,6 +58,8 @@ ops!(
 );
 
 pub struct FsStats {
+    /// How long the application's writes and syncs take: `--throttle auto` watches it.
+    pub latency: std::sync::Arc<AppLatency>,
     ops: [AtomicU64; Op::ALL.len()],
     errors: AtomicU64,
     /// Errors by errno; only the error path takes this lock.
@@ -81,6 +83,7 @@ pub struct StatsSnapshot {
 impl Default for FsStats {
     fn default() -> Self {
         FsStats {
+            latency: Default::default(),
             ops: std::array::from_fn(|_| AtomicU64::new(0)),
             errors: AtomicU64::new(0),
             errnos: parking_lot::Mutex::new(BTreeMap::new()),
@@ -130,5 +133,61 @@ impl FsStats {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// Time the application spends in writes and in syncs (fsync, fdatasync) on the mount,
+/// summed: two relaxed adds per request, and any reader can take a window by difference.
+#[derive(Default)]
+pub struct AppLatency {
+    syncs: AtomicU64,
+    sync_ns: AtomicU64,
+    writes: AtomicU64,
+    write_ns: AtomicU64,
+}
+
+/// Totals of [`AppLatency`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LatencyTotals {
+    pub syncs: u64,
+    pub sync_ns: u64,
+    pub writes: u64,
+    pub write_ns: u64,
+}
+
+impl AppLatency {
+    pub fn record(&self, op: Op, took: std::time::Duration) {
+        let ns = took.as_nanos() as u64;
+        let (n, sum) = match op {
+            Op::fsync | Op::fsyncdir => (&self.syncs, &self.sync_ns),
+            Op::write => (&self.writes, &self.write_ns),
+            _ => return,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        sum.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    pub fn totals(&self) -> LatencyTotals {
+        LatencyTotals {
+            syncs: self.syncs.load(Ordering::Relaxed),
+            sync_ns: self.sync_ns.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            write_ns: self.write_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl LatencyTotals {
+    /// The mean latency of what happened between `earlier` and `self`: of the syncs if
+    /// there were any (a commit waits for them), else of the writes; None if neither.
+    pub fn mean_since(&self, earlier: &LatencyTotals) -> Option<std::time::Duration> {
+        let syncs = self.syncs.saturating_sub(earlier.syncs);
+        let writes = self.writes.saturating_sub(earlier.writes);
+        let (n, ns) = if syncs > 0 {
+            (syncs, self.sync_ns.saturating_sub(earlier.sync_ns))
+        } else {
+            (writes, self.write_ns.saturating_sub(earlier.write_ns))
+        };
+        (n > 0).then(|| std::time::Duration::from_nanos(ns / n))
     }
 }

@@ -253,6 +253,7 @@ impl PassthroughFs {
             image,
             options,
             self.hooks.clone(),
+            self.stats.latency.clone(),
         )?);
         let ns = session.namespace();
         // From here on every operation sees the session; namespace operations wait for

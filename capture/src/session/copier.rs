@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{Ordering::Relaxed, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
+use super::pacing::Writeback;
 use super::{AbortReason, CaptureSession, FileCapture, Phase};
 use crate::inode::InodeKey;
 use crate::rangelock::TO_END;
@@ -78,6 +79,8 @@ impl CaptureSession {
     }
 
     fn copy_loop(&self) {
+        self.options.priority.apply_to_current_thread();
+        let mut writeback = Writeback::new(self.options.writeback_window);
         let mut buf = vec![0u8; self.options.chunk_size as usize];
         loop {
             let item = {
@@ -107,7 +110,7 @@ impl CaptureSession {
                     self.work_ready.wait(&mut queue);
                 }
             };
-            let result = self.copy_file(item.key, &mut buf);
+            let result = self.copy_file(item.key, &mut buf, &mut writeback);
             self.files_copied.fetch_add(1, Relaxed);
             self.queue.lock().busy -= 1;
             if let Err(reason) = result {
@@ -172,7 +175,12 @@ impl CaptureSession {
         Ok(Some((src, dest)))
     }
 
-    fn copy_file(&self, key: InodeKey, buf: &mut [u8]) -> Result<(), AbortReason> {
+    fn copy_file(
+        &self,
+        key: InodeKey,
+        buf: &mut [u8],
+        writeback: &mut Writeback,
+    ) -> Result<(), AbortReason> {
         // A file renamed, unlinked or recopied while it waited or was being copied is
         // left to whoever changed it.
         let Some(fc) = self.file(&key) else {
@@ -219,6 +227,9 @@ impl CaptureSession {
             fc.copied.lock().insert(off, off + n as u64);
             drop(guard);
             self.bytes_copied.fetch_add(n as u64, Relaxed);
+            writeback
+                .written(&dest, off, n as u64)
+                .map_err(|e| AbortReason::target("writing the image back", e))?;
             off += n as u64;
         }
         // The tail, locked to the end of any file: appends wait, then get mirrored. Only
@@ -259,6 +270,9 @@ impl CaptureSession {
     }
 
     fn throttle(&self, next: u64) {
+        if let Some(auto) = &self.auto_throttle {
+            self.pause(auto.pause(next, self.options.parallel));
+        }
         let Some(rate) = self.options.throttle_bytes_per_sec.filter(|r| *r > 0) else {
             return;
         };
@@ -266,11 +280,15 @@ impl CaptureSession {
         let due = Duration::from_secs_f64(done as f64 / rate as f64);
         let elapsed = self.started.elapsed();
         if due > elapsed {
-            // Sleep in short steps so that a stop or an abort is not held up.
-            let end = Instant::now() + (due - elapsed);
-            while self.live() && Instant::now() < end {
-                std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
-            }
+            self.pause(due - elapsed);
+        }
+    }
+
+    /// Sleeps in short steps so that a stop or an abort is not held up.
+    fn pause(&self, time: Duration) {
+        let end = Instant::now() + time;
+        while self.live() && Instant::now() < end {
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(50)));
         }
     }
 }

@@ -31,9 +31,11 @@
 //! (shared) for the whole operation and takes nothing else; registration of a file in the
 //! middle of a session takes it exclusively, with none of the above held, as a barrier.
 
+mod autothrottle;
 mod copier;
 mod mirror;
 mod namespace;
+mod pacing;
 mod skeleton;
 mod validity;
 
@@ -54,7 +56,9 @@ use crate::hooks::Hooks;
 use crate::inode::InodeKey;
 use crate::rangelock::RangeLock;
 use crate::ranges::CopiedRanges;
+use crate::stats::AppLatency;
 
+pub use pacing::{CopierPriority, background_thread};
 pub use validity::{EntryMeta, ValidityPoint};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -71,6 +75,24 @@ pub struct SessionOptions {
     /// closes the ones it finished, and mirroring reopens them by name when needed.
     #[serde(default = "default_open_image_files")]
     pub max_open_image_files: u64,
+    /// CPU and I/O priority of the copier threads.
+    #[serde(default)]
+    pub priority: CopierPriority,
+    /// Bytes of image writeback each copier thread keeps in flight before it waits for
+    /// the oldest (0: leave writeback to the kernel, which sends it in bursts).
+    #[serde(default = "default_writeback_window")]
+    pub writeback_window: u64,
+    /// Pace the copier by the application's latency on the mount (`--throttle auto`).
+    #[serde(default)]
+    pub throttle_auto: bool,
+    /// The latency budget of `throttle_auto` in microseconds [default: twice the mean
+    /// the application saw on this mount before].
+    #[serde(default)]
+    pub latency_budget_us: Option<u64>,
+}
+
+fn default_writeback_window() -> u64 {
+    8 << 20
 }
 
 fn default_open_image_files() -> u64 {
@@ -109,6 +131,10 @@ impl Default for SessionOptions {
             // wait short (1 MiB is read and written in about a millisecond here).
             chunk_size: 1 << 20,
             max_open_image_files: default_open_image_files(),
+            priority: CopierPriority::default(),
+            writeback_window: default_writeback_window(),
+            throttle_auto: false,
+            latency_budget_us: None,
         }
     }
 }
@@ -277,6 +303,8 @@ pub struct CaptureSession {
     hooks: Arc<Hooks>,
     /// Image files held open (see `SessionOptions::max_open_image_files`).
     open_image_files: AtomicU64,
+    /// The copier's pacing by application latency, if asked for.
+    auto_throttle: Option<autothrottle::AutoThrottle>,
 }
 
 impl CaptureSession {
@@ -286,8 +314,17 @@ impl CaptureSession {
         image_root: &Path,
         options: SessionOptions,
         hooks: Arc<Hooks>,
+        latency: Arc<AppLatency>,
     ) -> Result<CaptureSession, CaptureError> {
         let exclude = options.exclude_set()?;
+        let auto_throttle = options.throttle_auto.then(|| {
+            autothrottle::AutoThrottle::new(
+                latency,
+                options
+                    .latency_budget_us
+                    .map(std::time::Duration::from_micros),
+            )
+        });
         Ok(CaptureSession {
             source_root: source_root.to_path_buf(),
             image_root: image_root.to_path_buf(),
@@ -312,6 +349,7 @@ impl CaptureSession {
             current: Mutex::new(None),
             hooks,
             open_image_files: AtomicU64::new(0),
+            auto_throttle,
         })
     }
 
