@@ -24,8 +24,8 @@ pub struct CopyOptions {
     /// Leave out entries matching this glob (relative to the mount root); repeatable.
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
-    /// CPU and I/O priority of the copier: background (nice 10, idle I/O class: the
-    /// database's requests go first) or normal.
+    /// CPU and I/O priority of the copier: background (nice 10: the database's threads
+    /// get the CPU first), idle (also the idle I/O class) or normal.
     #[arg(long, value_enum, default_value_t = Priority::Background)]
     pub priority: Priority,
     /// MB of image writes each copier thread keeps in flight before it waits for the
@@ -67,6 +67,7 @@ impl std::str::FromStr for Throttle {
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Background,
+    Idle,
     Normal,
 }
 
@@ -125,6 +126,7 @@ impl CopyOptions {
             exclude: self.exclude.clone(),
             priority: match self.priority {
                 Priority::Background => CopierPriority::Background,
+                Priority::Idle => CopierPriority::Idle,
                 Priority::Normal => CopierPriority::Normal,
             },
             writeback_window: self.writeback_window << 20,

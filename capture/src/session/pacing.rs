@@ -1,5 +1,5 @@
 //! Keeping the copier's own I/O out of the application's way: copier threads run at
-//! background CPU and I/O priority, and the image's writeback is paced chunk by chunk so
+//! background CPU priority, and the image's writeback is paced chunk by chunk so
 //! that copied data never piles up in the page cache and leaves in one burst that the
 //! database's fsyncs queue behind (on ext4 a commit's fsync can even wait for it).
 
@@ -15,9 +15,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CopierPriority {
-    /// Nice 10 and the idle I/O class: the application's requests go first.
+    /// Nice 10: the application's threads get the CPU first. Its I/O keeps the normal
+    /// class: on ext4 (data=ordered) a commit's fsync may have to wait for the image
+    /// blocks in the same journal transaction, and idle-class writeback would make the
+    /// commit wait at idle priority.
     #[default]
     Background,
+    /// Nice 10 and the idle I/O class.
+    Idle,
     /// The agent's own priority (what the application gets).
     Normal,
 }
@@ -26,14 +31,19 @@ impl CopierPriority {
     /// Applies the priority to the calling thread (only to it: the filesystem threads
     /// that serve the application, and mirror its writes, keep theirs).
     pub fn apply_to_current_thread(self) {
-        if self == CopierPriority::Background {
-            background_thread();
+        match self {
+            CopierPriority::Background => background_thread(),
+            CopierPriority::Idle => {
+                background_thread();
+                idle_io_thread();
+            }
+            CopierPriority::Normal => {}
         }
     }
 }
 
-/// Lowers the calling thread's CPU and I/O priority. Best effort: a thread that cannot
-/// be lowered (a restricted container) copies at normal priority, which is only slower
+/// Lowers the calling thread's CPU priority (nice 10). Best effort: a thread that cannot
+/// be lowered (a restricted container) runs at normal priority, which is only slower
 /// for the application, never wrong.
 pub fn background_thread() {
     // SAFETY: gettid has no preconditions.
@@ -45,15 +55,20 @@ pub fn background_thread() {
             io::Error::last_os_error()
         );
     }
+}
+
+/// Puts the calling thread's I/O in the idle class (best effort, as above).
+fn idle_io_thread() {
     const IOPRIO_WHO_PROCESS: libc::c_long = 1;
     const IOPRIO_CLASS_IDLE: libc::c_long = 3;
     const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-    // SAFETY: ioprio_set on our own thread id; a failure is only reported.
+    // SAFETY: gettid has no preconditions; ioprio_set on our own thread id, a failure
+    // is only reported.
     let r = unsafe {
         libc::syscall(
             libc::SYS_ioprio_set,
             IOPRIO_WHO_PROCESS,
-            tid as libc::c_long,
+            libc::gettid() as libc::c_long,
             IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
         )
     };
