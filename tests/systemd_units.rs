@@ -191,3 +191,46 @@ fn agent_notifies_ready_and_stopping_on_an_abstract_socket() {
     let listener = UnixDatagram::bind_addr(&addr).unwrap();
     ready_then_stopping(&listener, OsStr::new(&format!("@{name}")));
 }
+
+/// Restart=on-failure only recovers if a restarted agent can mount again: the SIGKILLed
+/// agent's mount stays behind, dead ("Transport endpoint is not connected"), and the new
+/// agent must detach it itself.
+#[test]
+fn a_restarted_agent_clears_the_dead_mount_a_crash_left() {
+    let mut agent = Agent::start();
+    fs::write(agent.mnt("t1.ibd"), b"rows before the crash").unwrap();
+    // A server's open file at the crash, like mariadbd's tablespaces.
+    let held = fs::File::open(agent.mnt("t1.ibd")).unwrap();
+
+    agent.kill9();
+    let err = fs::metadata(&agent.mountpoint).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "after SIGKILL: {err}"
+    );
+    assert!(
+        is_mounted(&agent.mountpoint),
+        "the dead mount is still in the table"
+    );
+
+    agent.restart();
+    assert_eq!(
+        fs::read(agent.mnt("t1.ibd")).unwrap(),
+        b"rows before the crash"
+    );
+    fs::write(agent.mnt("t2.ibd"), b"after").unwrap();
+    assert_eq!(fs::read(agent.backing.join("t2.ibd")).unwrap(), b"after");
+    // Exactly one hotbackup mount there now: the dead one was detached, not stacked on.
+    let here = capture::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint == agent.mountpoint.canonicalize().unwrap())
+        .count();
+    assert_eq!(here, 1);
+    // The descriptor held across the crash fails; it never reaches the new agent.
+    use std::os::unix::fs::FileExt;
+    assert!(held.read_at(&mut [0u8; 4], 0).is_err());
+    drop(held);
+    let (status, stderr) = agent.stop();
+    assert!(status.success(), "agent exited {status}: {stderr}");
+}

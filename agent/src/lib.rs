@@ -19,6 +19,7 @@ pub mod replica;
 pub mod restore;
 pub mod service;
 pub mod staged;
+pub mod stale;
 
 /// What the command line shows of a session, without reaching into the capture crate.
 pub use capture::session::{AbortReason, Phase, Progress};

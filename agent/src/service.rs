@@ -148,7 +148,8 @@ EnvironmentFile=/etc/hotbackup/agent-%i.env
 ExecStart={exe} agent --mountpoint %f --backing ${{HOTBACKUP_BACKING}} $HOTBACKUP_AGENT_OPTIONS
 # SIGTERM unmounts, but the agent refuses while files are open on the mount (the server
 # still runs) and keeps serving: the server's unit is ordered after this one, so it is
-# stopped first. A crash leaves the mountpoint unusable until the agent is back.
+# stopped first. A crash leaves a dead mount (ENOTCONN: Transport endpoint is not connected);
+# the restarted agent detaches it before mounting again (never a live one).
 KillSignal=SIGTERM
 TimeoutStopSec=5min
 Restart=on-failure
