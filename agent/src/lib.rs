@@ -1,6 +1,7 @@
 //! The hotbackup agent: serves the capture filesystem, answers on a control socket, and
 //! (in later layers) coordinates backups. `cli` only parses and renders; this decides.
 
+pub mod adopt;
 pub mod backup;
 pub mod binlog_archive;
 pub mod client;
@@ -11,6 +12,7 @@ pub mod db;
 pub mod history;
 pub mod host;
 pub mod image;
+pub mod in_use;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;

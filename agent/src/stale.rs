@@ -32,6 +32,11 @@ pub fn clear_dead_mount(mountpoint: &Path) -> io::Result<Option<DeadMount>> {
     Ok(Some(dead))
 }
 
+/// True when `mountpoint` is a dead hotbackup mount (see [`clear_dead_mount`]).
+pub fn is_dead_mount(mountpoint: &Path) -> bool {
+    dead_mount(mountpoint, &mountinfo::mounts()).is_some()
+}
+
 /// The dead hotbackup mount at `mountpoint` among `mounts`, if it is one.
 fn dead_mount(mountpoint: &Path, mounts: &[MountEntry]) -> Option<DeadMount> {
     let path = absolute(mountpoint);

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use render::bytes;
 
+mod adopt_cmds;
 mod image_cmds;
 mod render;
 
@@ -152,6 +153,17 @@ enum Command {
         root: PathBuf,
         #[command(flatten)]
         options: agent::service::ServiceOptions,
+    },
+    /// Move a stopped server's datadir onto a hotbackup mount: rename it to the backing
+    /// path (same filesystem), make the empty mountpoint, install the agent's units.
+    Adopt {
+        #[command(flatten)]
+        options: agent::adopt::AdoptOptions,
+    },
+    /// Undo `hotbackup adopt` exactly, from its record (also an interrupted one).
+    Unadopt {
+        #[command(flatten)]
+        options: agent::adopt::UnadoptOptions,
     },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
@@ -386,6 +398,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             root,
             options,
         } => systemd(print, &root, &options),
+        Command::Adopt { options } => adopt_cmds::adopt(&options),
+        Command::Unadopt { options } => adopt_cmds::unadopt(&options),
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {

@@ -69,6 +69,19 @@ impl Agent {
         Self::spawn(dir, backing, mountpoint, socket, extra, env)
     }
 
+    /// Starts an agent serving existing directories (as a unit would after `adopt`); its
+    /// socket lives in a temp dir of its own.
+    pub fn serve(backing: &Path, mountpoint: &Path) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-test-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let mut agent = Self::spawn(dir, backing.into(), mountpoint.into(), socket, &[], &[]);
+        agent.wait_ready();
+        agent
+    }
+
     fn spawn(
         dir: tempfile::TempDir,
         backing: PathBuf,
