@@ -152,6 +152,7 @@ fn adopt_then_unadopt_keeps_every_row_of_a_real_server() {
     db.sql("INSERT INTO shop.orders SELECT seq, 'on the mount' FROM shop.seq_2001_to_2500");
     let after = db.sql(CHECKSUMS);
     assert_ne!(after, before);
+    scheduled_backup_needs_no_flags(&db, dir.path());
 
     let err = refused(unadopt(&datadir, &root));
     assert!(
@@ -177,6 +178,35 @@ fn adopt_then_unadopt_keeps_every_row_of_a_real_server() {
     db.start();
     assert_eq!(db.sql(CHECKSUMS), after);
     db.shutdown();
+}
+
+/// What hotbackup-backup.service runs (`backup --progress=none`, nothing else) makes a
+/// new dated backup under the configuration's target.root.
+fn scheduled_backup_needs_no_flags(db: &MariaDb, dir: &Path) {
+    let config = dir.join("hotbackup.toml");
+    let backups = dir.join("backups");
+    fs::write(
+        &config,
+        format!(
+            "[connection]\nsocket = {:?}\nuser = \"root\"\nno_defaults = true\n\
+             [backup]\nhistory_file = {:?}\n[target]\nroot = {:?}\n",
+            db.socket(),
+            dir.join("history.jsonl"),
+            backups
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::hotbackup_bin())
+        .args(["backup", "--progress=none"])
+        .env(agent::config::ENV, &config)
+        .output()
+        .unwrap();
+    ok(out);
+    let made: Vec<_> = fs::read_dir(&backups).unwrap().flatten().collect();
+    assert_eq!(made.len(), 1);
+    let name = made[0].file_name().into_string().unwrap();
+    assert!(name.len() == 16 && name.ends_with('Z'), "{name}");
+    assert!(made[0].path().join("backup.json").is_file());
 }
 
 /// A tmpfs the test mounts, unmounted on drop.

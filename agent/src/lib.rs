@@ -5,6 +5,7 @@ pub mod adopt;
 pub mod backup;
 pub mod binlog_archive;
 pub mod client;
+pub mod config;
 pub mod control;
 pub mod copy;
 pub mod daemon;

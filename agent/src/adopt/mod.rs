@@ -228,6 +228,7 @@ pub fn plan(options: &AdoptOptions, exe: &Path) -> Result<AdoptPlan, AdoptError>
         mountpoint: datadir.clone(),
         backing: Some(backing.clone()),
         server_unit: options.server_unit.clone(),
+        timer: None,
     };
     let units = service::units(&service, exe)?;
     let files = units
