@@ -61,19 +61,43 @@ fn a_mistaken_mountpoint_is_named() {
     assert!(err.contains("db is not an absolute path"), "{err}");
 }
 
-#[test]
-fn installed_units_pass_systemd_analyze_verify() {
-    let root = tempfile::tempdir().unwrap();
-    let out = stdout(&hotbackup(&[
+/// `systemd-analyze verify NAMES` with the units found through `unit_path`; fails on
+/// any complaint about a file in `units` (it exits 0 on unknown keys and bad values, such
+/// as a calendar it cannot parse, and only logs them).
+fn verify(unit_path: &str, units: &Path, names: &[&str]) {
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no", "--generators=no"])
+        .args(names)
+        .env("SYSTEMD_UNIT_PATH", unit_path)
+        .output()
+        .expect("run systemd-analyze");
+    let err = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "verify failed:\n{err}");
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(units.to_str().unwrap()))
+        .collect();
+    assert!(ours.is_empty(), "verify complained:\n{err}");
+}
+
+/// `hotbackup systemd --install --root ROOT --mountpoint /var/lib/mysql EXTRA...`.
+fn install(root: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "systemd",
         "--install",
         "--root",
-        root.path().to_str().unwrap(),
+        root.to_str().unwrap(),
         "--mountpoint",
         "/var/lib/mysql",
-        "--backing",
-        "/var/lib/mysql.backing",
-    ]));
+    ];
+    args.extend(extra);
+    stdout(&hotbackup(&args))
+}
+
+#[test]
+fn installed_units_pass_systemd_analyze_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let out = install(root.path(), &["--backing", "/var/lib/mysql.backing"]);
     assert!(out.contains("systemctl enable --now hotbackup-agent@var-lib-mysql.service"));
     let units = root.path().join("etc/systemd/system");
     assert!(units.join("hotbackup-agent@.service").is_file());
@@ -102,20 +126,11 @@ fn installed_units_pass_systemd_analyze_verify() {
         .unwrap();
         unit_path.push_str(&format!("{}:", stub.path().display()));
     }
-    let verify = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "--generators=no"])
-        .args(["hotbackup-agent@var-lib-mysql.service", "mariadb.service"])
-        .env("SYSTEMD_UNIT_PATH", &unit_path)
-        .output()
-        .expect("run systemd-analyze");
-    let err = String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success(), "verify failed:\n{err}");
-    // systemd-analyze exits 0 on unknown keys and bad values and only logs them.
-    let ours: Vec<&str> = err
-        .lines()
-        .filter(|l| l.contains(units.to_str().unwrap()))
-        .collect();
-    assert!(ours.is_empty(), "verify complained:\n{err}");
+    verify(
+        &unit_path,
+        &units,
+        &["hotbackup-agent@var-lib-mysql.service", "mariadb.service"],
+    );
 
     // The drop-in took effect: the server requires and starts after the agent instance.
     let deps = Command::new("systemd-analyze")
@@ -190,4 +205,84 @@ fn agent_notifies_ready_and_stopping_on_an_abstract_socket() {
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let listener = UnixDatagram::bind_addr(&addr).unwrap();
     ready_then_stopping(&listener, OsStr::new(&format!("@{name}")));
+}
+
+/// Restart=on-failure only recovers if a restarted agent can mount again: the SIGKILLed
+/// agent's mount stays behind, dead ("Transport endpoint is not connected"), and the new
+/// agent must detach it itself.
+#[test]
+fn a_restarted_agent_clears_the_dead_mount_a_crash_left() {
+    let mut agent = Agent::start();
+    fs::write(agent.mnt("t1.ibd"), b"rows before the crash").unwrap();
+    // A server's open file at the crash, like mariadbd's tablespaces.
+    let held = fs::File::open(agent.mnt("t1.ibd")).unwrap();
+
+    agent.kill9();
+    let err = fs::metadata(&agent.mountpoint).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "after SIGKILL: {err}"
+    );
+    assert!(
+        is_mounted(&agent.mountpoint),
+        "the dead mount is still in the table"
+    );
+
+    agent.restart();
+    assert_eq!(
+        fs::read(agent.mnt("t1.ibd")).unwrap(),
+        b"rows before the crash"
+    );
+    fs::write(agent.mnt("t2.ibd"), b"after").unwrap();
+    assert_eq!(fs::read(agent.backing.join("t2.ibd")).unwrap(), b"after");
+    // Exactly one hotbackup mount there now: the dead one was detached, not stacked on.
+    let here = capture::mountinfo::mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint == agent.mountpoint.canonicalize().unwrap())
+        .count();
+    assert_eq!(here, 1);
+    // The descriptor held across the crash fails; it never reaches the new agent.
+    use std::os::unix::fs::FileExt;
+    assert!(held.read_at(&mut [0u8; 4], 0).is_err());
+    drop(held);
+    let (status, stderr) = agent.stop();
+    assert!(status.success(), "agent exited {status}: {stderr}");
+}
+
+/// `--timer` adds a scheduled backup that needs no flags; both units pass verify.
+#[test]
+fn the_backup_timer_and_service_pass_systemd_analyze_verify() {
+    let root = tempfile::tempdir().unwrap();
+    let out = install(root.path(), &["--timer", "*-*-* 02:30:00"]);
+    assert!(
+        out.contains("systemctl enable --now hotbackup-backup.timer"),
+        "{out}"
+    );
+    let units = root.path().join("etc/systemd/system");
+    let service = fs::read_to_string(units.join("hotbackup-backup.service")).unwrap();
+    let exec = format!(
+        "ExecStart=\"{}\" backup --progress=none",
+        hotbackup_bin().display()
+    );
+    assert!(service.lines().any(|l| l == exec), "{service}");
+    verify(
+        &format!("{}:", units.display()),
+        &units,
+        &["hotbackup-backup.timer", "hotbackup-backup.service"],
+    );
+    let timer = fs::read_to_string(units.join("hotbackup-backup.timer")).unwrap();
+    let calendar = timer
+        .lines()
+        .find_map(|l| l.strip_prefix("OnCalendar="))
+        .expect("OnCalendar");
+    let parsed = Command::new("systemd-analyze")
+        .args(["calendar", calendar])
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
 }

@@ -31,7 +31,7 @@ use validity::{at_validity_point, replica_connections};
 
 /// Everything `hotbackup backup` takes besides the connection and the target.
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct BackupOptions {
     #[command(flatten)]
     pub copy: CopyOptions,

@@ -52,6 +52,13 @@ pub enum AgentError {
     },
     #[error("could not install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(
+        "{mountpoint} is a dead hotbackup mount (its agent is gone) and could not be detached: {error}; run `umount -l {mountpoint}` and start the agent again"
+    )]
+    DeadMount {
+        mountpoint: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// The socket path an agent serving `mountpoint` uses unless told otherwise.
@@ -72,6 +79,21 @@ enum Event {
 
 /// Runs the agent until it is stopped; returns after a clean unmount.
 pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
+    // A crashed agent leaves its mount dead; a restart (Restart=on-failure) clears it.
+    match crate::stale::clear_dead_mount(&options.mountpoint) {
+        Ok(Some(dead)) => tracing::warn!(
+            mountpoint = %dead.mountpoint.display(),
+            old_socket = %dead.socket.display(),
+            "detached the dead mount a previous agent left (\"Transport endpoint is not connected\")"
+        ),
+        Ok(None) => {}
+        Err(error) => {
+            return Err(AgentError::DeadMount {
+                mountpoint: options.mountpoint.clone(),
+                error,
+            });
+        }
+    }
     let (backing, mountpoint) = capture::mount::check(&options.backing, &options.mountpoint)?;
     raise_open_file_limit();
     let socket = options

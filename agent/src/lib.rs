@@ -1,9 +1,11 @@
 //! The hotbackup agent: serves the capture filesystem, answers on a control socket, and
 //! (in later layers) coordinates backups. `cli` only parses and renders; this decides.
 
+pub mod adopt;
 pub mod backup;
 pub mod binlog_archive;
 pub mod client;
+pub mod config;
 pub mod control;
 pub mod copy;
 pub mod daemon;
@@ -11,6 +13,7 @@ pub mod db;
 pub mod history;
 pub mod host;
 pub mod image;
+pub mod in_use;
 pub mod manifest;
 pub mod metrics;
 pub mod notify;
@@ -19,6 +22,7 @@ pub mod replica;
 pub mod restore;
 pub mod service;
 pub mod staged;
+pub mod stale;
 
 /// What the command line shows of a session, without reaching into the capture crate.
 pub use capture::session::{AbortReason, Phase, Progress};

@@ -36,6 +36,12 @@ pub struct ServiceOptions {
     /// The database server's unit, which gets the drop-in that requires the agent.
     #[arg(long, default_value = "mariadb.service")]
     pub server_unit: String,
+    /// Also write hotbackup-backup.service and .timer: `hotbackup backup` (its options
+    /// from /etc/hotbackup/hotbackup.toml) on this systemd calendar, e.g. daily or
+    /// "*-*-* 02:30:00".
+    #[arg(long, value_name = "CALENDAR")]
+    #[serde(default)]
+    pub timer: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -50,6 +56,10 @@ pub enum ServiceError {
     Root,
     #[error("{0:?} is not a service unit name (like mariadb.service)")]
     ServerUnit(String),
+    #[error(
+        "--timer {0:?} is not a calendar a unit can hold; give one like daily or \"*-*-* 02:30:00\""
+    )]
+    Calendar(String),
 }
 
 /// One file to write: where (relative to the root) and what.
@@ -148,7 +158,8 @@ EnvironmentFile=/etc/hotbackup/agent-%i.env
 ExecStart={exe} agent --mountpoint %f --backing ${{HOTBACKUP_BACKING}} $HOTBACKUP_AGENT_OPTIONS
 # SIGTERM unmounts, but the agent refuses while files are open on the mount (the server
 # still runs) and keeps serving: the server's unit is ordered after this one, so it is
-# stopped first. A crash leaves the mountpoint unusable until the agent is back.
+# stopped first. A crash leaves a dead mount (ENOTCONN: Transport endpoint is not connected);
+# the restarted agent detaches it before mounting again (never a live one).
 KillSignal=SIGTERM
 TimeoutStopSec=5min
 Restart=on-failure
@@ -219,6 +230,50 @@ After={instance}
     )
 }
 
+/// The scheduled backup's service and timer unit names.
+pub const BACKUP_SERVICE: &str = "hotbackup-backup.service";
+pub const BACKUP_TIMER: &str = "hotbackup-backup.timer";
+
+/// The scheduled backup: `hotbackup backup` with every option from the config file.
+pub fn backup_service(exe: &Path, server_unit: &str, instance: &str) -> String {
+    format!(
+        "\
+# Written by `hotbackup systemd --install --timer`: started by {BACKUP_TIMER}. Every
+# option comes from /etc/hotbackup/hotbackup.toml (target.root or target.dir names a
+# new directory per run); `systemctl start {BACKUP_SERVICE}` runs one now.
+[Unit]
+Description=hotbackup backup of the server on its agent's mount
+# Not Requires=: a backup must never start the server or its agent; it fails instead,
+# and says which is down.
+After={server_unit} {instance}
+
+[Service]
+Type=oneshot
+ExecStart={exe} backup --progress=none
+",
+        exe = exec_word(exe)
+    )
+}
+
+/// The timer that starts the scheduled backup on `calendar`.
+pub fn backup_timer(calendar: &str) -> String {
+    format!(
+        "\
+# Written by `hotbackup systemd --install --timer`.
+[Unit]
+Description=scheduled hotbackup backup
+
+[Timer]
+OnCalendar={calendar}
+# A run missed while the machine was off happens at the next boot.
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"
+    )
+}
+
 /// Every file `hotbackup systemd` writes for these options, the binary being `exe`.
 pub fn units(options: &ServiceOptions, exe: &Path) -> Result<Vec<UnitFile>, ServiceError> {
     let mountpoint = &options.mountpoint;
@@ -243,9 +298,14 @@ pub fn units(options: &ServiceOptions, exe: &Path) -> Result<Vec<UnitFile>, Serv
     {
         return Err(ServiceError::ServerUnit(server.clone()));
     }
+    if let Some(c) = &options.timer
+        && (c.trim().is_empty() || c.contains(['\n', '\\', '%']))
+    {
+        return Err(ServiceError::Calendar(c.clone()));
+    }
     let instance = instance_unit(mountpoint)?;
     let units = Path::new(UNIT_DIR);
-    Ok(vec![
+    let mut files = vec![
         UnitFile {
             path: units.join(TEMPLATE),
             text: agent_template(exe),
@@ -258,7 +318,18 @@ pub fn units(options: &ServiceOptions, exe: &Path) -> Result<Vec<UnitFile>, Serv
             path: units.join(format!("{server}.d")).join("hotbackup.conf"),
             text: server_dropin(&instance),
         },
-    ])
+    ];
+    if let Some(calendar) = &options.timer {
+        files.push(UnitFile {
+            path: units.join(BACKUP_SERVICE),
+            text: backup_service(exe, server, &instance),
+        });
+        files.push(UnitFile {
+            path: units.join(BACKUP_TIMER),
+            text: backup_timer(calendar.trim()),
+        });
+    }
+    Ok(files)
 }
 
 /// Writes `files` under `root` (each replaced atomically); returns the paths written.
@@ -290,6 +361,7 @@ mod tests {
             mountpoint: mountpoint.into(),
             backing: None,
             server_unit: "mariadb.service".into(),
+            timer: None,
         }
     }
 
@@ -418,6 +490,37 @@ mod tests {
         o = options("/srv/db");
         o.backing = Some("/a\nb".into());
         assert_eq!(units(&o, exe), Err(ServiceError::Newline("/a\nb".into())));
+    }
+
+    #[test]
+    fn a_timer_adds_the_scheduled_backup_after_the_server_and_its_agent() {
+        let mut o = options("/var/lib/mysql");
+        assert_eq!(units(&o, Path::new("/usr/bin/hotbackup")).unwrap().len(), 3);
+        o.timer = Some("*-*-* 02:30:00".into());
+        let files = units(&o, Path::new("/usr/bin/hotbackup")).unwrap();
+        let service = &files[3].text;
+        assert!(
+            service
+                .lines()
+                .any(|l| l == "ExecStart=\"/usr/bin/hotbackup\" backup --progress=none")
+        );
+        assert!(
+            service
+                .lines()
+                .any(|l| l == "After=mariadb.service hotbackup-agent@var-lib-mysql.service")
+        );
+        assert!(!service.contains("Requires="));
+        assert!(
+            files[4]
+                .text
+                .lines()
+                .any(|l| l == "OnCalendar=*-*-* 02:30:00")
+        );
+        o.timer = Some("daily\nExecStart=/bin/sh".into());
+        assert!(matches!(
+            units(&o, Path::new("/usr/bin/hotbackup")),
+            Err(ServiceError::Calendar(_))
+        ));
     }
 
     #[test]

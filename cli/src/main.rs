@@ -15,9 +15,11 @@ use agent::backup::BackupOptions;
 use agent::db::ConnectionOptions;
 use agent::{AgentAddress, AgentOptions, AgentStatus, CopyOptions, Request, Response};
 use anyhow::{Context, bail};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use render::bytes;
 
+mod adopt_cmds;
+mod config_cmd;
 mod image_cmds;
 mod render;
 
@@ -80,9 +82,14 @@ enum Command {
         #[command(flatten)]
         connection: ConnectionOptions,
         /// Where the backup goes (new or empty): the image in DIR/data, the manifest in
-        /// DIR/backup.json, the coordinates in DIR/hotbackup_binlog_info.
+        /// DIR/backup.json, the coordinates in DIR/hotbackup_binlog_info [default: from
+        /// the configuration's target.root or target.dir].
         #[arg(long, value_name = "DIR")]
-        target_dir: PathBuf,
+        target_dir: Option<PathBuf>,
+        /// The configuration file; flags win over it [default: $HOTBACKUP_CONFIG, else
+        /// /etc/hotbackup/hotbackup.toml if it exists].
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
         #[command(flatten)]
         options: BackupOptions,
         /// How to show progress.
@@ -153,6 +160,17 @@ enum Command {
         #[command(flatten)]
         options: agent::service::ServiceOptions,
     },
+    /// Move a stopped server's datadir onto a hotbackup mount: rename it to the backing
+    /// path (same filesystem), make the empty mountpoint, install the agent's units.
+    Adopt {
+        #[command(flatten)]
+        options: agent::adopt::AdoptOptions,
+    },
+    /// Undo `hotbackup adopt` exactly, from its record (also an interrupted one).
+    Unadopt {
+        #[command(flatten)]
+        options: agent::adopt::UnadoptOptions,
+    },
     /// Ask an agent to unmount and exit; refused while files are still open on the mount.
     Unmount {
         #[command(flatten)]
@@ -200,7 +218,8 @@ impl AgentArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The commands with exit codes of their own.
     match &cli.command {
         Command::Verify {
@@ -211,7 +230,7 @@ fn main() -> ExitCode {
         Command::Info { dir, json } => return image_cmds::info(dir, *json),
         _ => {}
     }
-    match run(cli) {
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("hotbackup: {err:#}");
@@ -274,7 +293,7 @@ fn prompt_password() -> std::io::Result<String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Agent { options, log_level } => {
             init_logging(&log_level)?;
@@ -345,9 +364,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backup {
             connection,
             target_dir,
+            config,
             options,
             progress,
         } => {
+            let (connection, target_dir, options) = config_cmd::backup_options(
+                matches
+                    .subcommand_matches("backup")
+                    .expect("the backup command"),
+                config.as_deref(),
+                &connection,
+                target_dir,
+                &options,
+            )?;
             let target = if target_dir.is_absolute() {
                 target_dir
             } else {
@@ -386,6 +415,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             root,
             options,
         } => systemd(print, &root, &options),
+        Command::Adopt { options } => adopt_cmds::adopt(&options),
+        Command::Unadopt { options } => adopt_cmds::unadopt(&options),
         Command::Unmount { agent, force } => {
             match agent::client::call(&agent.address(), &Request::Unmount { force })? {
                 Response::Unmounted => {
@@ -422,6 +453,13 @@ fn systemd(
         "next: systemctl daemon-reload && systemctl enable --now {}",
         service::instance_unit(&options.mountpoint)?
     );
+    if options.timer.is_some() {
+        println!(
+            "and: systemctl enable --now {} (its options: {})",
+            service::BACKUP_TIMER,
+            agent::config::DEFAULT_PATH
+        );
+    }
     Ok(())
 }
 

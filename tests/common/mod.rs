@@ -69,6 +69,19 @@ impl Agent {
         Self::spawn(dir, backing, mountpoint, socket, extra, env)
     }
 
+    /// Starts an agent serving existing directories (as a unit would after `adopt`); its
+    /// socket lives in a temp dir of its own.
+    pub fn serve(backing: &Path, mountpoint: &Path) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-test-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("agent.sock");
+        let mut agent = Self::spawn(dir, backing.into(), mountpoint.into(), socket, &[], &[]);
+        agent.wait_ready();
+        agent
+    }
+
     fn spawn(
         dir: tempfile::TempDir,
         backing: PathBuf,
@@ -77,20 +90,7 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &std::ffi::OsStr)],
     ) -> Agent {
-        let mut cmd = Command::new(hotbackup_bin());
-        cmd.arg("agent")
-            .arg("--backing")
-            .arg(&backing)
-            .arg("--mountpoint")
-            .arg(&mountpoint)
-            .arg("--socket")
-            .arg(&socket)
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd.spawn().expect("spawn agent");
+        let child = spawn_agent(&backing, &mountpoint, &socket, extra, env);
         Agent {
             dir,
             backing,
@@ -167,6 +167,37 @@ impl Agent {
         )
     }
 
+    /// SIGKILLs the agent (a crash: its mount stays behind, dead) and reaps it.
+    pub fn kill9(&mut self) {
+        let child = self.child.take().expect("agent running");
+        signal(child.id(), libc::SIGKILL);
+        wait_with_timeout(child, Duration::from_secs(10));
+    }
+
+    /// Starts a new agent on the same backing, mountpoint and socket (as a service
+    /// manager restarts it) and waits until it serves.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the previous agent still runs");
+        let child = spawn_agent(&self.backing, &self.mountpoint, &self.socket, &[], &[]);
+        self.child = Some(child);
+        // The old agent's socket file and (dead) mount may still be there: wait until
+        // the new agent answers and the mountpoint serves.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err()
+            || fs::metadata(&self.mountpoint).is_err()
+        {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let out = self.child.take().unwrap().wait_with_output().unwrap();
+                panic!(
+                    "restarted agent exited ({status}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(Instant::now() < deadline, "restarted agent did not serve");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// True while the agent process is alive.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
@@ -187,6 +218,30 @@ impl Drop for Agent {
                 .status();
         }
     }
+}
+
+fn spawn_agent(
+    backing: &Path,
+    mountpoint: &Path,
+    socket: &Path,
+    extra: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Child {
+    Command::new(hotbackup_bin())
+        .arg("agent")
+        .arg("--backing")
+        .arg(backing)
+        .arg("--mountpoint")
+        .arg(mountpoint)
+        .arg("--socket")
+        .arg(socket)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn agent")
 }
 
 pub fn signal(pid: u32, sig: i32) {

@@ -11,6 +11,7 @@ use super::lineage::NewHistory;
 use super::pitr::{self, PitrPlan};
 use super::{RestoreError, RestoreOptions};
 use crate::image::Image;
+use crate::in_use::in_use;
 use crate::manifest::EntryKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -311,34 +312,6 @@ fn free_bytes(dir: &Path) -> u64 {
     nix::sys::statvfs::statvfs(dir)
         .map(|s| s.blocks_available() * s.fragment_size())
         .unwrap_or(u64::MAX)
-}
-
-/// A process whose working directory or an open file is under `dir`.
-fn in_use(dir: &Path) -> Option<(u32, String)> {
-    let me = std::process::id();
-    for proc_entry in fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = proc_entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let base = proc_entry.path();
-        let under = |p: PathBuf| fs::read_link(p).is_ok_and(|t| t.starts_with(dir));
-        let uses = under(base.join("cwd"))
-            || fs::read_dir(base.join("fd"))
-                .map(|fds| fds.flatten().any(|fd| under(fd.path())))
-                .unwrap_or(false);
-        if uses {
-            let name = fs::read_to_string(base.join("comm")).unwrap_or_default();
-            return Some((pid, name.trim().to_string()));
-        }
-    }
-    None
 }
 
 fn absolute(p: &Path) -> PathBuf {
