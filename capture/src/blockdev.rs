@@ -144,3 +144,23 @@ pub fn physical_block_size(dir: &Path) -> Option<u32> {
         (size.is_power_of_two() && (512..=4096).contains(&size)).then_some(size)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_configured_loop_device_has_a_backing_file() {
+        assert_eq!(loop_backing_file(Path::new("/dev/null")), None);
+        assert_eq!(loop_backing_file(Path::new("/nonexistent/loop9")), None);
+    }
+
+    /// tmpfs (like FUSE) has an anonymous device with no entry under /sys/dev/block.
+    #[test]
+    fn a_filesystem_without_a_block_device_has_no_physical_block_size() {
+        let shm = Path::new("/dev/shm");
+        if fs::metadata(shm).is_ok() {
+            assert_eq!(physical_block_size(shm), None);
+        }
+    }
+}
