@@ -137,13 +137,9 @@ pub fn agent_for(datadir: &Path) -> Result<(AgentAddress, PathBuf), BackupError>
             datadir.display()
         )));
     };
-    let source = mount.source.to_string_lossy();
-    match source.strip_prefix(crate::client::SOURCE_PREFIX) {
-        Some(socket) if mount.fstype.starts_with("fuse") => Ok((
-            AgentAddress::Socket(PathBuf::from(socket)),
-            mount.mountpoint,
-        )),
-        _ => Err(BackupError::Refused(format!(
+    match crate::client::agent_socket(&mount) {
+        Some(socket) => Ok((AgentAddress::Socket(socket), mount.mountpoint)),
+        None => Err(BackupError::Refused(format!(
             "the server's datadir {} is on {} ({}), not on a hotbackup mount; run the server on a hotbackup mount, or pass --agent-socket",
             datadir.display(),
             mount.mountpoint.display(),

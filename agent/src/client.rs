@@ -73,17 +73,41 @@ pub fn socket_of_mountpoint(mountpoint: &Path) -> Result<PathBuf, ClientError> {
     })
 }
 
-/// The control socket of the agent serving `entry`, if it is a hotbackup mount (a FUSE
-/// mount whose source is `hotbackup:SOCKET`).
+/// Suffix of the file under a block-device mount's loop device: `SOCKET.blockdev`.
+const BLOCKDEV_SUFFIX: &str = ".blockdev";
+
+/// The file under the loop device of the agent on `socket` (`--block-device auto`). The
+/// source of a `fuseblk` mount must be its device, so this name is where that mount
+/// records the socket.
+pub fn blockdev_file(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(BLOCKDEV_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The control socket of the agent serving `entry`, if it is a hotbackup mount: a FUSE
+/// mount whose source is `hotbackup:SOCKET`, or a `fuseblk.hotbackup` mount whose loop
+/// device reads `SOCKET.blockdev`.
 pub fn agent_socket(entry: &mountinfo::MountEntry) -> Option<PathBuf> {
-    let socket = entry
+    if !entry.fstype.starts_with("fuse") {
+        return None;
+    }
+    if let Some(socket) = entry
         .source
         .as_encoded_bytes()
-        .strip_prefix(SOURCE_PREFIX.as_bytes())?;
-    entry
-        .fstype
-        .starts_with("fuse")
-        .then(|| PathBuf::from(std::ffi::OsStr::from_bytes(socket)))
+        .strip_prefix(SOURCE_PREFIX.as_bytes())
+    {
+        return Some(PathBuf::from(std::ffi::OsStr::from_bytes(socket)));
+    }
+    if entry.fstype != "fuseblk.hotbackup" {
+        return None;
+    }
+    let file = capture::blockdev::loop_backing_file(Path::new(&entry.source))?;
+    let socket = file
+        .as_os_str()
+        .as_encoded_bytes()
+        .strip_suffix(BLOCKDEV_SUFFIX.as_bytes())?;
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(socket)))
 }
 
 /// Connects to the agent; `idle` bounds every later wait for a line.

@@ -10,10 +10,10 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use capture::{MountError, MountOptions, Mounted, PassthroughFs, UnmountError};
+use capture::{BlockDevice, MountError, MountOptions, Mounted, PassthroughFs, UnmountError};
 use serde::{Deserialize, Serialize};
 
-use crate::client::SOURCE_PREFIX;
+use crate::client::{SOURCE_PREFIX, blockdev_file};
 use crate::control::{AgentStatus, Request, Response};
 
 /// Options of `hotbackup agent`, shared by the command line and config files.
@@ -35,6 +35,21 @@ pub struct AgentOptions {
     /// keeps serving its open files and disappears from the namespace).
     #[arg(long)]
     pub force: bool,
+    /// `auto` mounts as `fuseblk` over a loop device the agent makes (and the kernel
+    /// frees on unmount), so that InnoDB finds a block size for the mount and writes its
+    /// redo log with O_DIRECT; `none` mounts plain `fuse`, where it writes it buffered.
+    #[arg(long, value_enum, default_value_t = BlockDeviceMode::None)]
+    #[serde(default)]
+    pub block_device: BlockDeviceMode,
+}
+
+/// Whether the mount gets a dummy block device (see `--block-device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockDeviceMode {
+    Auto,
+    #[default]
+    None,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,9 +118,16 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
     let listener = bind_control_socket(&socket)?;
     let _socket_file = RemoveOnDrop(socket.clone());
 
+    let block_device = (options.block_device == BlockDeviceMode::Auto).then(|| BlockDevice {
+        file: blockdev_file(&socket),
+        // As the backing files' own device has it, so the server picks the block size it
+        // would pick on a plain directory there.
+        block_size: capture::blockdev::physical_block_size(&backing).unwrap_or(4096),
+    });
     let mount_options = MountOptions {
         threads: options.threads,
         fsname: format!("{SOURCE_PREFIX}{}", socket.display()),
+        block_device,
     };
     let mut mounted = capture::mount(&backing, &mountpoint, &mount_options)?;
     let started = Instant::now();

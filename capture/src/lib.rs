@@ -1,6 +1,7 @@
 //! The capture filesystem: a FUSE passthrough over a backing directory that a database
 //! lives on (and, in later layers, the capture engine that copies it while it runs).
 
+pub mod blockdev;
 mod direct;
 pub mod fs;
 pub mod fuse;
@@ -17,5 +18,5 @@ mod sync;
 mod sys;
 
 pub use fs::{FsError, PassthroughFs};
-pub use mount::{MountError, MountOptions, Mounted, UnmountError, mount};
+pub use mount::{BlockDevice, MountError, MountOptions, Mounted, UnmountError, mount};
 pub use stats::StatsSnapshot;

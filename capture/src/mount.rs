@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
+use crate::blockdev::LoopDevice;
 use crate::fs::PassthroughFs;
 use crate::fuse::FuseAdapter;
 use crate::mountinfo;
@@ -53,6 +54,10 @@ pub enum MountError {
     },
     #[error("could not open backing directory {path}: {error}")]
     Backing { path: PathBuf, error: io::Error },
+    #[error(
+        "could not set up the loop device for a block-device mount: {0}; is the loop module loaded (`modprobe loop`, /dev/loop-control)? Or mount without one (--block-device none)"
+    )]
+    BlockDevice(io::Error),
 }
 
 /// Why an unmount did not happen.
@@ -76,8 +81,22 @@ pub enum UnmountError {
 pub struct MountOptions {
     /// Threads reading requests from the kernel, each on its own cloned /dev/fuse fd.
     pub threads: usize,
-    /// What the mount table shows as the mount's source.
+    /// What the mount table shows as the mount's source (not for a block-device mount,
+    /// whose source is its device).
     pub fsname: String,
+    /// Mount as `fuseblk` over a loop device made for it, so files get a block device's
+    /// `st_dev` (see `blockdev`); None mounts plain `fuse`.
+    pub block_device: Option<BlockDevice>,
+}
+
+/// The dummy device of a `fuseblk` mount.
+#[derive(Clone, Debug)]
+pub struct BlockDevice {
+    /// Where the file under the loop device is made (and unlinked at once); its name stays
+    /// visible as the device's backing file.
+    pub file: PathBuf,
+    /// The device's sector size (logical and physical) and the mount's block size.
+    pub block_size: u32,
 }
 
 impl Default for MountOptions {
@@ -85,6 +104,7 @@ impl Default for MountOptions {
         MountOptions {
             threads: 8,
             fsname: "hotbackup".into(),
+            block_device: None,
         }
     }
 }
@@ -197,20 +217,67 @@ pub fn mount(
     config.acl = SessionACL::All;
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let session = fuser::spawn_mount(FuseAdapter::new(fs.clone()), &mountpoint, &config).map_err(
-        |e| match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => MountError::NotPermitted(e.to_string()),
-            _ => MountError::Mount {
-                mountpoint: mountpoint.clone(),
-                error: e,
-            },
+    let adapter = FuseAdapter::new(fs.clone());
+    let session = match &options.block_device {
+        None => fuser::spawn_mount(adapter, &mountpoint, &config),
+        Some(block) => {
+            let device = LoopDevice::create(&block.file, block.block_size)
+                .map_err(MountError::BlockDevice)?;
+            mount_fuseblk(adapter, &mountpoint, device, block.block_size, config)
+        }
+    }
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => MountError::NotPermitted(e.to_string()),
+        _ => MountError::Mount {
+            mountpoint: mountpoint.clone(),
+            error: e,
         },
-    )?;
+    })?;
     Ok(Mounted {
         fs,
         mountpoint,
         session: Some(session),
     })
+}
+
+/// fuser mounts only plain `fuse`, so a `fuseblk` mount is made here: mount(2) with the
+/// loop device as the source and a /dev/fuse fd, then fuser serves that fd.
+fn mount_fuseblk(
+    adapter: FuseAdapter,
+    mountpoint: &Path,
+    device: LoopDevice,
+    block_size: u32,
+    config: Config,
+) -> io::Result<BackgroundSession> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::fs::MetadataExt;
+    let fuse = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},blksize={block_size},allow_other,default_permissions",
+        fuse.as_raw_fd(),
+        fs::metadata(mountpoint)?.mode(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid(),
+    );
+    nix::mount::mount(
+        Some(device.path()),
+        mountpoint,
+        Some("fuseblk.hotbackup"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )?;
+    // The mount holds the device now; it detaches itself when the mount goes.
+    drop(device);
+    let session = fuser::Session::from_fd(adapter, OwnedFd::from(fuse), SessionACL::All, config)
+        .and_then(fuser::Session::spawn);
+    if session.is_err() {
+        // The fd is closed, so the connection is gone and the unmount does not wait on it.
+        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    }
+    session
 }
 
 impl Mounted {

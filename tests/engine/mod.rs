@@ -74,6 +74,7 @@ impl Rig {
             &MountOptions {
                 threads: 4,
                 fsname: "hotbackup-test".into(),
+                ..MountOptions::default()
             },
         )
         .expect("mount");
