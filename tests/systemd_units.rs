@@ -228,6 +228,20 @@ fn a_restarted_agent_clears_the_dead_mount_a_crash_left() {
         is_mounted(&agent.mountpoint),
         "the dead mount is still in the table"
     );
+    // The host's status says what happened and what to do.
+    let host: serde_json::Value =
+        serde_json::from_str(&stdout(&hotbackup(&["status", "--json"]))).unwrap();
+    let ours = host["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["mountpoint"] == agent.mountpoint.to_str().unwrap())
+        .expect("the dead mount in the host's status");
+    let said = ours["error"].as_str().unwrap();
+    assert!(
+        said.contains("the mount is dead") && said.contains("restart the agent"),
+        "{said}"
+    );
 
     agent.restart();
     assert_eq!(

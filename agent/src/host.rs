@@ -45,6 +45,14 @@ pub fn status(history_file: &Path, last: usize) -> HostStatus {
         .map(|(mountpoint, socket)| {
             let (status, error) = match agent_status(&socket) {
                 Ok(s) => (Some(s), None),
+                Err(_) if crate::stale::is_dead_mount(&mountpoint) => (
+                    None,
+                    Some(format!(
+                        "its agent is gone and the mount is dead (Transport endpoint is not connected); restart the agent (`systemctl restart {}`), which detaches it",
+                        crate::service::instance_unit(&mountpoint)
+                            .unwrap_or_else(|_| "hotbackup-agent@...".into())
+                    )),
+                ),
                 Err(e) => (None, Some(e)),
             };
             MountedAgent {

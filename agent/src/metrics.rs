@@ -195,6 +195,15 @@ pub fn record(path: &Path, attempt: &Attempt) -> std::io::Result<BackupMetrics> 
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "its directory {} does not exist; create it (node_exporter's textfile directory) or name another --metrics-file",
+                dir.display()
+            ),
+        ));
+    }
     // node_exporter reads only `*.prom`: the temporary name must not end so.
     let mut tmp = tempfile::Builder::new()
         .prefix(".hotbackup-metrics-")
@@ -250,6 +259,21 @@ mod tests {
                 bytes_mirrored: 100,
             }),
         }
+    }
+
+    #[test]
+    fn a_missing_directory_is_named_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone/hotbackup.prom");
+        let e = record(&path, &success(1.0)).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "{} does not exist",
+                dir.path().join("gone").display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("--metrics-file"), "{e}");
     }
 
     fn failure(ended: f64) -> Attempt {
