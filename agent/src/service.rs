@@ -509,7 +509,7 @@ mod tests {
                 .lines()
                 .any(|l| l == "After=mariadb.service hotbackup-agent@var-lib-mysql.service")
         );
-        assert!(!service.contains("Requires="));
+        assert!(!service.lines().any(|l| l.starts_with("Requires=")));
         assert!(
             files[4]
                 .text
