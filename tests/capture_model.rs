@@ -286,6 +286,7 @@ fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
         // Keep at most one image file open, so that mirroring often reopens by name.
         max_open_image_files: case.open_image_files,
         exclude: vec![EXCLUDED.into()],
+        ..SessionOptions::default()
     });
     let pause = Barrier::new(case.writers.len() + 1);
     let resume = Barrier::new(case.writers.len() + 1);

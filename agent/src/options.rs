@@ -2,7 +2,8 @@
 //! configuration file or the control protocol (serde) and the library all read this
 //! struct, so they cannot disagree.
 
-use capture::session::SessionOptions;
+use capture::session::{CloneMode, SessionOptions};
+use clap::builder::TypedValueParser;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -18,6 +19,21 @@ pub struct CopyOptions {
     /// Leave out entries matching this glob (relative to the mount root); repeatable.
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Clone file ranges (reflinks) instead of copying bytes: `auto` when the target is
+    /// on the backing directory's XFS (reflink=1) or btrfs mount, `always` (refuse
+    /// otherwise), `never`.
+    #[arg(long, value_name = "WHEN", default_value = "auto",
+          value_parser = clap::builder::PossibleValuesParser::new(["auto", "always", "never"])
+              .map(|s: String| clone_mode(&s)))]
+    pub clone: CloneMode,
+}
+
+fn clone_mode(s: &str) -> CloneMode {
+    match s {
+        "always" => CloneMode::Always,
+        "never" => CloneMode::Never,
+        _ => CloneMode::Auto,
+    }
 }
 
 impl Default for CopyOptions {
@@ -26,6 +42,7 @@ impl Default for CopyOptions {
             parallel: 2,
             throttle: None,
             exclude: Vec::new(),
+            clone: CloneMode::Auto,
         }
     }
 }
@@ -53,6 +70,7 @@ impl CopyOptions {
             parallel: self.parallel,
             throttle_bytes_per_sec: self.throttle.map(|t| (t * 1_000_000.0) as u64),
             exclude: self.exclude.clone(),
+            clone: self.clone,
             ..SessionOptions::default()
         };
         options
@@ -83,14 +101,18 @@ mod tests {
             "50",
             "--exclude",
             "tmp/*",
+            "--clone",
+            "never",
         ]);
-        let config: CopyOptions =
-            serde_json::from_str(r#"{"parallel": 3, "throttle": 50.0, "exclude": ["tmp/*"]}"#)
-                .unwrap();
+        let config: CopyOptions = serde_json::from_str(
+            r#"{"parallel": 3, "throttle": 50.0, "exclude": ["tmp/*"], "clone": "never"}"#,
+        )
+        .unwrap();
         assert_eq!(cli.copy, config);
         let s = config.session().unwrap();
         assert_eq!(s.throttle_bytes_per_sec, Some(50_000_000));
         assert_eq!(s.parallel, 3);
+        assert_eq!(s.clone, CloneMode::Never);
         // Defaults agree too.
         assert_eq!(Cli::parse_from(["x"]).copy, CopyOptions::default());
         assert_eq!(
@@ -113,5 +135,7 @@ mod tests {
             OptionsError::Exclude(_)
         ));
         assert!(serde_json::from_str::<CopyOptions>(r#"{"paralel": 2}"#).is_err());
+        assert!(serde_json::from_str::<CopyOptions>(r#"{"clone": "sometimes"}"#).is_err());
+        assert!(Cli::try_parse_from(["x", "--clone", "sometimes"]).is_err());
     }
 }

@@ -35,6 +35,7 @@ mod copier;
 mod mirror;
 mod namespace;
 mod skeleton;
+mod transfer;
 mod validity;
 
 use std::collections::{HashMap, VecDeque};
@@ -71,10 +72,34 @@ pub struct SessionOptions {
     /// closes the ones it finished, and mirroring reopens them by name when needed.
     #[serde(default = "default_open_image_files")]
     pub max_open_image_files: u64,
+    /// Whether the copier clones file ranges (reflinks) instead of copying bytes.
+    #[serde(default)]
+    pub clone: CloneMode,
+    /// Bytes the copier clones under one range lock (rounded down to the filesystem's
+    /// block size). Cloning is metadata work, so this is larger than `chunk_size`; a
+    /// writer into the file still waits for one clone (see scripts/bench-clone).
+    #[serde(default = "default_clone_chunk")]
+    pub clone_chunk_size: u64,
 }
 
 fn default_open_image_files() -> u64 {
     256
+}
+
+fn default_clone_chunk() -> u64 {
+    8 << 20
+}
+
+/// When the copier clones instead of copying: `auto` when the target is on the same
+/// mounted filesystem as the backing directory and that filesystem clones (XFS with
+/// reflink, btrfs), `always` (refuse to start otherwise), `never`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMode {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 impl SessionOptions {
@@ -109,6 +134,8 @@ impl Default for SessionOptions {
             // wait short (1 MiB is read and written in about a millisecond here).
             chunk_size: 1 << 20,
             max_open_image_files: default_open_image_files(),
+            clone: CloneMode::default(),
+            clone_chunk_size: default_clone_chunk(),
         }
     }
 }
@@ -160,6 +187,8 @@ pub enum CaptureError {
     NoSession,
     #[error("the copy is not finished yet ({0} files left); stop once the copy phase is done")]
     NotCopied(u64),
+    #[error("--clone always was asked for, but {0}; use --clone auto or never to copy bytes")]
+    CloneImpossible(String),
     #[error("bad --exclude pattern {pattern:?}: {error}")]
     BadExclude { pattern: String, error: String },
     #[error("the session was aborted: {0}")]
@@ -195,6 +224,12 @@ pub struct Progress {
     pub bytes_total: u64,
     pub bytes_copied: u64,
     pub bytes_mirrored: u64,
+    /// The part of `bytes_copied` that was cloned (reflinked), not read and written.
+    #[serde(default)]
+    pub bytes_cloned: u64,
+    /// The copier clones file ranges in this session (decided at its start).
+    #[serde(default)]
+    pub cloning: bool,
     pub current_file: Option<String>,
     pub error: Option<String>,
 }
@@ -273,6 +308,10 @@ pub struct CaptureSession {
     bytes_total: AtomicU64,
     bytes_copied: AtomicU64,
     bytes_mirrored: AtomicU64,
+    bytes_cloned: AtomicU64,
+    /// The block size clones are aligned to while the copier clones; 0 when it copies
+    /// bytes (never cloning, or given up after the filesystem refused a clone).
+    clone_block: AtomicU64,
     current: Mutex<Option<PathBuf>>,
     hooks: Arc<Hooks>,
     /// Image files held open (see `SessionOptions::max_open_image_files`).
@@ -288,6 +327,12 @@ impl CaptureSession {
         hooks: Arc<Hooks>,
     ) -> Result<CaptureSession, CaptureError> {
         let exclude = options.exclude_set()?;
+        let clone_block = match options.clone {
+            CloneMode::Never => 0,
+            CloneMode::Auto => crate::reflink::probe(source_root, image_root).unwrap_or(0),
+            CloneMode::Always => crate::reflink::probe(source_root, image_root)
+                .map_err(CaptureError::CloneImpossible)?,
+        };
         Ok(CaptureSession {
             source_root: source_root.to_path_buf(),
             image_root: image_root.to_path_buf(),
@@ -309,6 +354,8 @@ impl CaptureSession {
             bytes_total: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             bytes_mirrored: AtomicU64::new(0),
+            bytes_cloned: AtomicU64::new(0),
+            clone_block: AtomicU64::new(clone_block),
             current: Mutex::new(None),
             hooks,
             open_image_files: AtomicU64::new(0),
@@ -335,6 +382,8 @@ impl CaptureSession {
             bytes_total: self.bytes_total.load(Relaxed),
             bytes_copied: self.bytes_copied.load(Relaxed),
             bytes_mirrored: self.bytes_mirrored.load(Relaxed),
+            bytes_cloned: self.bytes_cloned.load(Relaxed),
+            cloning: self.clone_block.load(Relaxed) > 0,
             current_file: self
                 .current
                 .lock()
