@@ -84,3 +84,47 @@ fn a_cloned_backup_under_load_restores_to_the_recorded_gtid() {
     restored.shutdown();
     source.shutdown();
 }
+
+/// A target off the backing directory's mount cannot take clones: `--clone always`
+/// refuses with a sentence naming why and what to do instead, and the application's
+/// files are untouched; `--clone auto` copies bytes there.
+#[test]
+fn clone_always_refuses_a_target_on_another_filesystem() {
+    let agent = Agent::start_on_xfs("1G");
+    std::fs::write(agent.mnt("f"), vec![7u8; 100_000]).unwrap();
+    let copy = |target: &std::path::Path, clone: &str| {
+        common::hotbackup(&[
+            "copy",
+            "--mountpoint",
+            agent.mountpoint.to_str().unwrap(),
+            "--target-dir",
+            target.to_str().unwrap(),
+            "--progress",
+            "json",
+            clone,
+        ])
+    };
+    // The agent's temp directory is not on the XFS.
+    let refused = copy(&agent.dir.path().join("always"), "--clone=always");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--clone always was asked for, but")
+            && stderr.contains("not on the same mounted filesystem")
+            && stderr.contains("use --clone auto or never"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(agent.mnt("f")).unwrap(), vec![7u8; 100_000]);
+    agent.wait_no_session();
+    let auto = copy(&agent.dir.path().join("auto"), "--clone=auto");
+    assert!(
+        auto.status.success(),
+        "{}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&auto.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    let summary: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(summary["copied"]["bytes_cloned"], 0, "{summary}");
+    assert_eq!(summary["copied"]["bytes_copied"], 100_000, "{summary}");
+}
