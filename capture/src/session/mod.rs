@@ -76,8 +76,11 @@ pub struct SessionOptions {
     #[serde(default)]
     pub clone: CloneMode,
     /// Bytes the copier clones under one range lock (rounded down to the filesystem's
-    /// block size). Cloning is metadata work, so this is larger than `chunk_size`; a
-    /// writer into the file still waits for one clone (see scripts/bench-clone).
+    /// block size). Cloning is metadata work, so this is larger than `chunk_size`, but
+    /// XFS holds the whole file's I/O lock for a clone and first writes the range's
+    /// dirty pages back: every writer into the file waits for one clone (see
+    /// scripts/bench-clone: 4 MiB took 0.23 ms median, 0.8 ms p95 clean, 3.3 ms
+    /// median dirty; 16 MiB 0.8 ms clean, 7.9 ms dirty).
     #[serde(default = "default_clone_chunk")]
     pub clone_chunk_size: u64,
 }
@@ -87,7 +90,7 @@ fn default_open_image_files() -> u64 {
 }
 
 fn default_clone_chunk() -> u64 {
-    8 << 20
+    4 << 20
 }
 
 /// When the copier clones instead of copying: `auto` when the target is on the same
