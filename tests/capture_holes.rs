@@ -60,7 +60,7 @@ fn regression_a_change_that_cannot_be_resolved_aborts_the_session() {
     copied(&session);
     // The backing directory moves under the agent (an operator's mistake): the paths of
     // its inodes no longer lie below the backing root.
-    let moved = rig.dir.path().join("backing-moved");
+    let moved = rig.backing.with_file_name("backing-moved");
     fs::rename(&rig.backing, &moved).unwrap();
     let made = fs::create_dir(rig.m("newdir"));
     fs::rename(&moved, &rig.backing).unwrap();

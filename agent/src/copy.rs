@@ -69,6 +69,9 @@ pub struct CopySummary {
     pub bytes: u64,
     pub bytes_copied: u64,
     pub bytes_mirrored: u64,
+    /// The part of `bytes_copied` that was cloned (reflinked).
+    #[serde(default)]
+    pub bytes_cloned: u64,
     pub duration_secs: f64,
     pub validity_point: String,
 }

@@ -58,6 +58,9 @@ pub struct Totals {
     pub bytes: u64,
     pub bytes_copied: u64,
     pub bytes_mirrored: u64,
+    /// The part of `bytes_copied` that was cloned (reflinked) rather than copied.
+    #[serde(default)]
+    pub bytes_cloned: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

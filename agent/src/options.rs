@@ -2,7 +2,8 @@
 //! configuration file or the control protocol (serde) and the library all read this
 //! struct, so they cannot disagree.
 
-use capture::session::{CopierPriority, SessionOptions};
+use capture::session::{CloneMode, CopierPriority, SessionOptions};
+use clap::builder::TypedValueParser;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, clap::Args, Serialize, Deserialize)]
@@ -33,6 +34,21 @@ pub struct CopyOptions {
     /// fsyncs queue behind).
     #[arg(long, value_name = "MB", default_value_t = 8)]
     pub writeback_window: u64,
+    /// Clone file ranges (reflinks) instead of copying bytes: `auto` when the target is
+    /// on the backing directory's XFS (reflink=1) or btrfs mount, `always` (refuse
+    /// otherwise), `never`.
+    #[arg(long, value_name = "WHEN", default_value = "auto",
+          value_parser = clap::builder::PossibleValuesParser::new(["auto", "always", "never"])
+              .map(|s: String| clone_mode(&s)))]
+    pub clone: CloneMode,
+}
+
+fn clone_mode(s: &str) -> CloneMode {
+    match s {
+        "always" => CloneMode::Always,
+        "never" => CloneMode::Never,
+        _ => CloneMode::Auto,
+    }
 }
 
 /// `--throttle`: a rate in MB/s, or `auto`.
@@ -80,6 +96,7 @@ impl Default for CopyOptions {
             exclude: Vec::new(),
             priority: Priority::Background,
             writeback_window: 8,
+            clone: CloneMode::Auto,
         }
     }
 }
@@ -130,6 +147,7 @@ impl CopyOptions {
                 Priority::Normal => CopierPriority::Normal,
             },
             writeback_window: self.writeback_window << 20,
+            clone: self.clone,
             ..SessionOptions::default()
         };
         options
@@ -160,10 +178,13 @@ mod tests {
             "50",
             "--exclude",
             "tmp/*",
+            "--clone",
+            "never",
         ]);
-        let config: CopyOptions =
-            serde_json::from_str(r#"{"parallel": 3, "throttle": 50.0, "exclude": ["tmp/*"]}"#)
-                .unwrap();
+        let config: CopyOptions = serde_json::from_str(
+            r#"{"parallel": 3, "throttle": 50.0, "exclude": ["tmp/*"], "clone": "never"}"#,
+        )
+        .unwrap();
         assert_eq!(cli.copy, config);
         let auto = Cli::parse_from(["x", "--throttle", "auto", "--latency-budget", "2.5"]);
         let auto_config: CopyOptions =
@@ -179,6 +200,7 @@ mod tests {
         let s = config.session().unwrap();
         assert_eq!(s.throttle_bytes_per_sec, Some(50_000_000));
         assert_eq!(s.parallel, 3);
+        assert_eq!(s.clone, CloneMode::Never);
         // Defaults agree too.
         assert_eq!(Cli::parse_from(["x"]).copy, CopyOptions::default());
         assert_eq!(
@@ -215,5 +237,7 @@ mod tests {
             OptionsError::Exclude(_)
         ));
         assert!(serde_json::from_str::<CopyOptions>(r#"{"paralel": 2}"#).is_err());
+        assert!(serde_json::from_str::<CopyOptions>(r#"{"clone": "sometimes"}"#).is_err());
+        assert!(Cli::try_parse_from(["x", "--clone", "sometimes"]).is_err());
     }
 }

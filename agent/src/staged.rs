@@ -261,6 +261,7 @@ impl Run<'_> {
             totals: Totals {
                 bytes_copied: vp.progress.bytes_copied,
                 bytes_mirrored: vp.progress.bytes_mirrored,
+                bytes_cloned: vp.progress.bytes_cloned,
                 ..totals
             },
             files: entries,
@@ -273,6 +274,7 @@ impl Run<'_> {
             bytes: manifest.totals.bytes,
             bytes_copied: manifest.totals.bytes_copied,
             bytes_mirrored: manifest.totals.bytes_mirrored,
+            bytes_cloned: manifest.totals.bytes_cloned,
             duration_secs: manifest.duration_secs,
             validity_point: manifest.validity_point,
         })

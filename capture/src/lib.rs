@@ -12,6 +12,7 @@ pub mod mount;
 pub mod mountinfo;
 mod rangelock;
 mod ranges;
+pub mod reflink;
 pub mod session;
 pub mod stats;
 mod sync;

@@ -114,11 +114,11 @@ fn describe(i: &ImageInfo) -> String {
     line(
         "size",
         format!(
-            "{} in {} files, {} directories ({} copied, {} mirrored)",
+            "{} in {} files, {} directories ({}, {} mirrored)",
             bytes(s.totals.bytes),
             s.totals.files,
             s.totals.directories,
-            bytes(s.totals.bytes_copied),
+            crate::render::copied(s.totals.bytes_copied, s.totals.bytes_cloned),
             bytes(s.totals.bytes_mirrored)
         ),
     );

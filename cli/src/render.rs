@@ -105,16 +105,25 @@ pub fn summary(s: &CopySummary, json: bool) -> String {
     }
     let rate = s.bytes_copied as f64 / s.duration_secs.max(1e-3);
     format!(
-        "copied {} files, {} into {}\n  {} copied, {} mirrored, {:.1}s ({}/s)\n  validity point {}",
+        "copied {} files, {} into {}\n  {}, {} mirrored, {:.1}s ({}/s)\n  validity point {}",
         s.files,
         bytes(s.bytes),
         s.target.display(),
-        bytes(s.bytes_copied),
+        copied(s.bytes_copied, s.bytes_cloned),
         bytes(s.bytes_mirrored),
         s.duration_secs,
         bytes(rate as u64),
         s.validity_point
     )
+}
+
+/// "N copied", saying how much of it was cloned (reflinked) when any was.
+pub fn copied(copied: u64, cloned: u64) -> String {
+    if cloned == 0 {
+        format!("{} copied", bytes(copied))
+    } else {
+        format!("{} copied ({} of it cloned)", bytes(copied), bytes(cloned))
+    }
 }
 
 pub fn bytes(n: u64) -> String {
@@ -146,11 +155,11 @@ pub fn backup_summary(s: &agent::backup::BackupSummary, json: bool) -> String {
         None => "no binlog (the server runs without one): no coordinates recorded".into(),
     };
     let mut out = format!(
-        "backup complete: {}\n  {} files, {} ({} copied, {} mirrored) in {:.1}s\n  validity point {}\n  {binlog}\n  commits blocked for {:.1} ms",
+        "backup complete: {}\n  {} files, {} ({}, {} mirrored) in {:.1}s\n  validity point {}\n  {binlog}\n  commits blocked for {:.1} ms",
         s.image.target.display(),
         s.image.files,
         bytes(s.image.bytes),
-        bytes(s.image.bytes_copied),
+        copied(s.image.bytes_copied, s.image.bytes_cloned),
         bytes(s.image.bytes_mirrored),
         s.image.duration_secs,
         s.image.validity_point,

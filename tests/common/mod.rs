@@ -6,6 +6,7 @@ pub mod io;
 pub mod load;
 pub mod mariadb;
 pub mod replication;
+pub mod xfs;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,9 @@ pub fn is_mounted(path: &Path) -> bool {
 /// A running agent: `backing` is served at `mountpoint`. Dropping it stops the agent
 /// (SIGTERM to its own pid, then `fusermount3 -u` as a fallback) and removes the dirs.
 pub struct Agent {
+    /// The loop-mounted XFS holding the backing directory, if any: unmounted after the
+    /// agent has stopped and before `dir` is removed (fields drop in this order).
+    pub xfs: Option<xfs::Xfs>,
     pub dir: tempfile::TempDir,
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
@@ -50,6 +54,25 @@ impl Agent {
     /// Starts an agent with extra command-line arguments.
     pub fn start_with(extra: &[&str]) -> Agent {
         let mut agent = Self::launch(extra, &[]);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Starts an agent whose backing directory is on a fresh loop-mounted XFS of `size`
+    /// (reflink=1), where a target beside it (under `xfs.dir()`) can take clones.
+    pub fn start_on_xfs(size: &str) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("hb-test-")
+            .tempdir()
+            .expect("tempdir");
+        let xfs = xfs::Xfs::new(dir.path(), size);
+        let backing = xfs.dir().join("backing");
+        let mountpoint = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mountpoint).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut agent = Self::spawn(dir, backing, mountpoint, socket, &[], &[]);
+        agent.xfs = Some(xfs);
         agent.wait_ready();
         agent
     }
@@ -92,6 +115,7 @@ impl Agent {
     ) -> Agent {
         let child = spawn_agent(&backing, &mountpoint, &socket, extra, env);
         Agent {
+            xfs: None,
             dir,
             backing,
             mountpoint,

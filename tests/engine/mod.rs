@@ -6,6 +6,8 @@
 pub mod direct;
 #[path = "../common/io.rs"]
 pub mod io;
+#[path = "../common/xfs.rs"]
+pub mod xfs;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,7 +20,6 @@ use capture::session::{CaptureSession, Phase, SessionOptions, ValidityPoint};
 use capture::{MountOptions, Mounted, PassthroughFs};
 
 pub struct Rig {
-    pub dir: tempfile::TempDir,
     pub backing: PathBuf,
     /// Where the tree is seen: the mountpoint, or the backing directory without a mount.
     pub mnt: PathBuf,
@@ -30,22 +31,43 @@ pub struct Rig {
     /// Gates a test holds threads at: released when the rig is dropped, so that a test
     /// that fails while a copier waits at one ends instead of hanging in the cleanup.
     pub gates: std::sync::Mutex<Vec<Arc<Gate>>>,
+    /// The XFS the backing and image directories are on, for a rig that clones. Fields
+    /// drop in this order: the filesystem (and its open backing files) first, then this
+    /// is unmounted, then `dir` is removed.
+    pub xfs: Option<xfs::Xfs>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Where a rig keeps its backing and image directories: `HOTBACKUP_TEST_FS=xfs` reruns
+/// the engine's tests with both on a loop-mounted XFS, where the copier clones.
+fn xfs_from_env() -> bool {
+    std::env::var("HOTBACKUP_TEST_FS").is_ok_and(|v| v == "xfs")
+}
+
+/// A temp directory and, if `xfs`, an XFS mounted inside it; the directory to put the
+/// backing and image directories in.
+fn base(xfs: bool) -> (tempfile::TempDir, Option<xfs::Xfs>, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix("hb-engine-")
+        .tempdir()
+        .unwrap();
+    let xfs = xfs.then(|| xfs::Xfs::new(dir.path(), "1G"));
+    let root = xfs.as_ref().map_or(dir.path(), |x| x.dir()).to_path_buf();
+    (dir, xfs, root)
 }
 
 impl Rig {
     /// The filesystem without a mount: operations are direct calls (`direct::Direct`).
     pub fn unmounted() -> Rig {
-        let dir = tempfile::Builder::new()
-            .prefix("hb-engine-")
-            .tempdir()
-            .unwrap();
-        let backing = dir.path().join("backing");
-        let image = dir.path().join("image");
+        let (dir, xfs, root) = base(xfs_from_env());
+        let backing = root.join("backing");
+        let image = root.join("image");
         for d in [&backing, &image] {
             fs::create_dir(d).unwrap();
         }
         let fs = Arc::new(PassthroughFs::new(&fs::canonicalize(&backing).unwrap()).unwrap());
         Rig {
+            xfs,
             dir,
             mnt: backing.clone(),
             backing,
@@ -58,13 +80,19 @@ impl Rig {
     }
 
     pub fn new() -> Rig {
-        let dir = tempfile::Builder::new()
-            .prefix("hb-engine-")
-            .tempdir()
-            .unwrap();
-        let backing = dir.path().join("backing");
+        Rig::mounted(xfs_from_env())
+    }
+
+    /// A mounted rig whose backing and image directories are on one XFS (reflink=1).
+    pub fn on_xfs() -> Rig {
+        Rig::mounted(true)
+    }
+
+    fn mounted(on_xfs: bool) -> Rig {
+        let (dir, xfs, root) = base(on_xfs);
+        let backing = root.join("backing");
         let mnt = dir.path().join("mnt");
-        let image = dir.path().join("image");
+        let image = root.join("image");
         for d in [&backing, &mnt, &image] {
             fs::create_dir(d).unwrap();
         }
@@ -79,6 +107,7 @@ impl Rig {
         )
         .expect("mount");
         Rig {
+            xfs,
             dir,
             backing,
             mnt,
@@ -98,7 +127,14 @@ impl Rig {
         self.image.join(rel)
     }
 
-    pub fn start(&self, options: SessionOptions) -> Arc<CaptureSession> {
+    /// On XFS, a test's `chunk_size` is the clone chunk too (unless it set one), so
+    /// that its pause points at chunk offsets are reached when the copier clones.
+    pub fn start(&self, mut options: SessionOptions) -> Arc<CaptureSession> {
+        if self.xfs.is_some()
+            && options.clone_chunk_size == SessionOptions::default().clone_chunk_size
+        {
+            options.clone_chunk_size = options.chunk_size;
+        }
         self.fs
             .start_capture(&self.image, options)
             .expect("start capture")

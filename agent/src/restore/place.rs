@@ -4,7 +4,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -171,9 +171,7 @@ fn copy_file(
         .open(dst)?;
     let mut cloned = false;
     if reflink_works.load(Relaxed) {
-        // SAFETY: FICLONE with two open descriptors; no memory is passed.
-        let r = unsafe { libc::ioctl(to.as_raw_fd(), libc::FICLONE, from.as_raw_fd()) };
-        if r == 0 {
+        if capture::reflink::clone_file(to.as_fd(), from.as_fd()).is_ok() {
             cloned = true;
         } else {
             // Not supported here (or across filesystems): copy bytes from now on.

@@ -194,15 +194,13 @@ impl CaptureSession {
         // Another copy of this file started (it lost its names and got one back): that
         // copy owns the image file now.
         let stale = || fc.generation.load(SeqCst) != generation;
-        let chunk = buf.len() as u64;
         let mut off = 0u64;
-        let write_err = |e| AbortReason::target("writing the image", e);
-        let read_err = |e| AbortReason::source("reading the source", e);
         // Whole chunks under their own range lock.
         loop {
             if !self.live() || stale() {
                 return Ok(());
             }
+            let chunk = self.chunk_len(buf.len() as u64);
             self.throttle(chunk);
             self.hooks.fire("copier.before_chunk", off);
             let guard = fc.lock.lock(off, off + chunk);
@@ -218,43 +216,30 @@ impl CaptureSession {
                 }
                 _ => {}
             }
-            let n = sys::pread_full(src.as_fd(), buf, off).map_err(read_err)?;
-            if (n as u64) < chunk {
+            // A chunk that reaches past the end of the file is left to the tail.
+            if !self.take_chunk(&src, &dest, off, chunk, buf)? {
                 break;
             }
-            self.hooks.fire("copier.chunk_read", off);
-            sys::pwrite_full(dest.as_fd(), &buf[..n], off).map_err(write_err)?;
-            fc.copied.lock().insert(off, off + n as u64);
+            fc.copied.lock().insert(off, off + chunk);
             drop(guard);
-            self.bytes_copied.fetch_add(n as u64, Relaxed);
+            // (A cloned range has no dirty pages: its writeback returns at once.)
             writeback
-                .written(&dest, off, n as u64)
+                .written(&dest, off, chunk)
                 .map_err(|e| AbortReason::target("writing the image back", e))?;
-            off += n as u64;
+            off += chunk;
         }
         // The tail, locked to the end of any file: appends wait, then get mirrored. Only
-        // data is read: a hole at the end stays a hole (the image file is sized below).
+        // data is taken: a hole at the end stays a hole (the image file is sized below).
         let _tail = fc.lock.lock(off, TO_END);
         if stale() {
             return Ok(());
         }
         self.hooks.fire("copier.tail", off);
         let tail_start = off;
-        loop {
-            off = match seek_data(src.as_fd(), off) {
-                Ok(data) => data,
-                Err(Errno::ENXIO) => break,
-                Err(e) => return Err(read_err(e)),
-            };
-            let n = sys::pread_full(src.as_fd(), buf, off).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            sys::pwrite_full(dest.as_fd(), &buf[..n], off).map_err(write_err)?;
-            self.bytes_copied.fetch_add(n as u64, Relaxed);
-            off += n as u64;
-        }
-        let size = sys::fstat_path(src.as_fd()).map_err(read_err)?.st_size as u64;
+        self.take_tail(&src, &dest, off, buf)?;
+        let size = sys::fstat_path(src.as_fd())
+            .map_err(|e| AbortReason::source("reading the source", e))?
+            .st_size as u64;
         dest.set_len(size)
             .map_err(|e| AbortReason::target("sizing the image file", e))?;
         // Everything from where the tail began is in the image now (and, being locked to

@@ -37,6 +37,7 @@ mod mirror;
 mod namespace;
 mod pacing;
 mod skeleton;
+mod transfer;
 mod validity;
 
 use std::collections::{HashMap, VecDeque};
@@ -89,6 +90,17 @@ pub struct SessionOptions {
     /// the application saw on this mount before].
     #[serde(default)]
     pub latency_budget_us: Option<u64>,
+    /// Whether the copier clones file ranges (reflinks) instead of copying bytes.
+    #[serde(default)]
+    pub clone: CloneMode,
+    /// Bytes the copier clones under one range lock (rounded down to the filesystem's
+    /// block size). Cloning is metadata work, so this is larger than `chunk_size`, but
+    /// XFS holds the whole file's I/O lock for a clone and first writes the range's
+    /// dirty pages back: every writer into the file waits for one clone (see
+    /// scripts/bench-clone: 4 MiB took 0.23 ms median, 0.8 ms p95 clean, 3.3 ms
+    /// median dirty; 16 MiB 0.8 ms clean, 7.9 ms dirty).
+    #[serde(default = "default_clone_chunk")]
+    pub clone_chunk_size: u64,
 }
 
 fn default_writeback_window() -> u64 {
@@ -97,6 +109,22 @@ fn default_writeback_window() -> u64 {
 
 fn default_open_image_files() -> u64 {
     256
+}
+
+fn default_clone_chunk() -> u64 {
+    4 << 20
+}
+
+/// When the copier clones instead of copying: `auto` when the target is on the same
+/// mounted filesystem as the backing directory and that filesystem clones (XFS with
+/// reflink, btrfs), `always` (refuse to start otherwise), `never`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneMode {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 impl SessionOptions {
@@ -135,6 +163,8 @@ impl Default for SessionOptions {
             writeback_window: default_writeback_window(),
             throttle_auto: false,
             latency_budget_us: None,
+            clone: CloneMode::default(),
+            clone_chunk_size: default_clone_chunk(),
         }
     }
 }
@@ -186,6 +216,8 @@ pub enum CaptureError {
     NoSession,
     #[error("the copy is not finished yet ({0} files left); stop once the copy phase is done")]
     NotCopied(u64),
+    #[error("--clone always was asked for, but {0}; use --clone auto or never to copy bytes")]
+    CloneImpossible(String),
     #[error("bad --exclude pattern {pattern:?}: {error}")]
     BadExclude { pattern: String, error: String },
     #[error("the session was aborted: {0}")]
@@ -221,6 +253,12 @@ pub struct Progress {
     pub bytes_total: u64,
     pub bytes_copied: u64,
     pub bytes_mirrored: u64,
+    /// The part of `bytes_copied` that was cloned (reflinked), not read and written.
+    #[serde(default)]
+    pub bytes_cloned: u64,
+    /// The copier clones file ranges in this session (decided at its start).
+    #[serde(default)]
+    pub cloning: bool,
     pub current_file: Option<String>,
     pub error: Option<String>,
 }
@@ -299,6 +337,10 @@ pub struct CaptureSession {
     bytes_total: AtomicU64,
     bytes_copied: AtomicU64,
     bytes_mirrored: AtomicU64,
+    bytes_cloned: AtomicU64,
+    /// The block size clones are aligned to while the copier clones; 0 when it copies
+    /// bytes (never cloning, or given up after the filesystem refused a clone).
+    clone_block: AtomicU64,
     current: Mutex<Option<PathBuf>>,
     hooks: Arc<Hooks>,
     /// Image files held open (see `SessionOptions::max_open_image_files`).
@@ -325,6 +367,12 @@ impl CaptureSession {
                     .map(std::time::Duration::from_micros),
             )
         });
+        let clone_block = match options.clone {
+            CloneMode::Never => 0,
+            CloneMode::Auto => crate::reflink::probe(source_root, image_root).unwrap_or(0),
+            CloneMode::Always => crate::reflink::probe(source_root, image_root)
+                .map_err(CaptureError::CloneImpossible)?,
+        };
         Ok(CaptureSession {
             source_root: source_root.to_path_buf(),
             image_root: image_root.to_path_buf(),
@@ -346,6 +394,8 @@ impl CaptureSession {
             bytes_total: AtomicU64::new(0),
             bytes_copied: AtomicU64::new(0),
             bytes_mirrored: AtomicU64::new(0),
+            bytes_cloned: AtomicU64::new(0),
+            clone_block: AtomicU64::new(clone_block),
             current: Mutex::new(None),
             hooks,
             open_image_files: AtomicU64::new(0),
@@ -373,6 +423,8 @@ impl CaptureSession {
             bytes_total: self.bytes_total.load(Relaxed),
             bytes_copied: self.bytes_copied.load(Relaxed),
             bytes_mirrored: self.bytes_mirrored.load(Relaxed),
+            bytes_cloned: self.bytes_cloned.load(Relaxed),
+            cloning: self.clone_block.load(Relaxed) > 0,
             current_file: self
                 .current
                 .lock()
