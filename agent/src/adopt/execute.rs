@@ -253,7 +253,13 @@ impl fmt::Display for UnadoptPlan {
             r.backing.display()
         )?;
         for (i, s) in self.steps.iter().enumerate() {
-            writeln!(f, "{}. {s}", i + 1)?;
+            match s {
+                // Under the root the plan was made for, which need not be /.
+                UnadoptStep::RemoveFile(p) => {
+                    writeln!(f, "{}. remove {}", i + 1, self.root.join(p).display())?
+                }
+                s => writeln!(f, "{}. {s}", i + 1)?,
+            }
         }
         Ok(())
     }
