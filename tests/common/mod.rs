@@ -6,6 +6,7 @@ pub mod io;
 pub mod load;
 pub mod mariadb;
 pub mod replication;
+pub mod s3;
 
 use std::fs;
 use std::path::{Path, PathBuf};
