@@ -171,6 +171,26 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
     assert_eq!(restored.value("SELECT @@gtid_binlog_pos"), gtid);
     restored.shutdown();
 
+    // `replica` reads the coordinates from the bucket as from a directory.
+    let replica_args = |image: &str| {
+        let socket = format!("--socket={}", source.socket().display());
+        moto.hotbackup(&[
+            "replica",
+            image,
+            "--no-defaults",
+            &socket,
+            "--user=root",
+            "--source-host=127.0.0.1",
+            "--print-sql",
+        ])
+    };
+    let from_bucket = ok(replica_args(&plain));
+    assert!(
+        from_bucket.contains(&gtid) && from_bucket.contains("CHANGE MASTER"),
+        "{from_bucket}"
+    );
+    assert_eq!(from_bucket, ok(replica_args(local_s)));
+
     // A tampered object: verify names it, restore refuses before placing anything.
     tamper(&moto, "nightly/plain/", "ibdata1.zst");
     let out = moto.hotbackup(&["verify", &plain]);
