@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod options;
 pub mod replica;
+pub mod repo;
 pub mod restore;
 pub mod service;
 pub mod staged;

@@ -34,6 +34,11 @@ pub fn verify(dir: &Path, parallel: usize, json: bool) -> ExitCode {
             dir.display()
         );
     }
+    print_verify(dir, &report, json)
+}
+
+/// Prints a verification's result; its exit code.
+pub fn print_verify(dir: &Path, report: &verify::VerifyReport, json: bool) -> ExitCode {
     if json {
         println!("{}", serde_json::to_string(&report).unwrap_or_default());
     } else {
@@ -67,14 +72,18 @@ pub fn verify(dir: &Path, parallel: usize, json: bool) -> ExitCode {
 
 /// Exit codes of `info`: 0 a complete image, 1 incomplete or unreadable.
 pub fn info(dir: &Path, json: bool) -> ExitCode {
-    let info = agent::image::info::info(dir);
+    print_info(&agent::image::info::info(dir), json)
+}
+
+/// Prints what `info` found; its exit code.
+pub fn print_info(info: &ImageInfo, json: bool) -> ExitCode {
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&info).unwrap_or_default()
         );
     } else {
-        print!("{}", describe(&info));
+        print!("{}", describe(info));
     }
     if info.state == State::Complete {
         ExitCode::SUCCESS
@@ -246,7 +255,7 @@ pub fn restore(dir: &Path, options: &RestoreOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bar(json: bool) -> ProgressBar {
+pub fn bar(json: bool) -> ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }

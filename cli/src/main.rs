@@ -22,6 +22,7 @@ mod adopt_cmds;
 mod config_cmd;
 mod image_cmds;
 mod render;
+mod repo_cmds;
 
 #[derive(Parser)]
 #[command(
@@ -82,9 +83,10 @@ enum Command {
         #[command(flatten)]
         connection: ConnectionOptions,
         /// Where the backup goes (new or empty): the image in DIR/data, the manifest in
-        /// DIR/backup.json, the coordinates in DIR/hotbackup_binlog_info [default: from
-        /// the configuration's target.root or target.dir].
-        #[arg(long, value_name = "DIR")]
+        /// DIR/backup.json, the coordinates in DIR/hotbackup_binlog_info; or
+        /// s3://BUCKET/PREFIX/NAME (written to --staging-dir, uploaded after the validity
+        /// point) [default: from the configuration's target.root or target.dir].
+        #[arg(long, value_name = "DIR|URL")]
         target_dir: Option<PathBuf>,
         /// The configuration file; flags win over it [default: $HOTBACKUP_CONFIG, else
         /// /etc/hotbackup/hotbackup.toml if it exists].
@@ -92,6 +94,8 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         options: BackupOptions,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
         /// How to show progress.
         #[arg(long, value_enum, default_value_t = render::ProgressMode::Auto)]
         progress: render::ProgressMode,
@@ -99,7 +103,7 @@ enum Command {
     /// Recompute every checksum of a backup and name each changed, missing or extra
     /// file. Exit code 0: good; 1: damaged; 2: cannot check (not a finished backup).
     Verify {
-        /// The backup directory.
+        /// The backup directory, or s3://BUCKET/PREFIX/NAME.
         dir: PathBuf,
         /// Threads reading the image.
         #[arg(long, default_value_t = 2)]
@@ -107,33 +111,81 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
     },
     /// Describe a backup: state, size, times, server, binlog and replica coordinates,
     /// lock time. Exit code 0: a complete backup; 1: incomplete or unreadable.
     Info {
-        /// The backup directory.
+        /// The backup directory, or s3://BUCKET/PREFIX/NAME.
         dir: PathBuf,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
     },
     /// Put a backup back as a server's files (verified first), optionally rolled
     /// forward to a GTID or a time from the binlogs (point-in-time recovery).
     Restore {
-        /// The backup directory.
+        /// The backup directory, or s3://BUCKET/PREFIX/NAME.
         dir: PathBuf,
         #[command(flatten)]
         options: agent::restore::RestoreOptions,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
     },
     /// Make a server started on a restored backup a replica: of the server the backup
     /// was taken on, or (--sibling) of the source of the replica it was taken on.
     Replica {
-        /// The backup directory the server was restored from.
+        /// The backup directory the server was restored from, or s3://BUCKET/PREFIX/NAME.
         dir: PathBuf,
         /// How to reach the restored server.
         #[command(flatten)]
         connection: ConnectionOptions,
         #[command(flatten)]
         options: agent::replica::ReplicaOptions,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
+    },
+    /// Upload a finished backup directory to s3://BUCKET/PREFIX/NAME (compressed,
+    /// optionally encrypted; resumes an interrupted upload).
+    Upload {
+        /// The backup directory.
+        dir: PathBuf,
+        /// Where it goes.
+        #[arg(value_name = "URL")]
+        target: PathBuf,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
+    },
+    /// List the complete backups in a directory or under s3://BUCKET/PREFIX, oldest first.
+    List {
+        #[arg(value_name = "DIR|URL")]
+        location: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
+    },
+    /// Delete one backup (a directory, or s3://BUCKET/PREFIX/NAME).
+    Delete {
+        #[arg(value_name = "DIR|URL")]
+        image: PathBuf,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
+    },
+    /// Delete the backups a retention policy does not keep. The newest complete backup
+    /// and every incomplete one are always kept.
+    Prune {
+        #[arg(value_name = "DIR|URL")]
+        location: PathBuf,
+        #[command(flatten)]
+        policy: agent::repo::prune::Policy,
+        /// Say what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
     },
     /// Archive the server's binlog files into a directory as the server writes them
     /// (fsynced, checksummed, resumable), for point-in-time recovery.
@@ -223,11 +275,20 @@ fn main() -> ExitCode {
     // The commands with exit codes of their own.
     match &cli.command {
         Command::Verify {
+            dir, json, repo, ..
+        } if agent::repo::Location::is_s3(dir) => {
+            return repo_cmds::verify(dir, repo, *json);
+        }
+        Command::Info { dir, json, repo } if agent::repo::Location::is_s3(dir) => {
+            return repo_cmds::info(dir, repo, *json);
+        }
+        Command::Verify {
             dir,
             parallel,
             json,
+            ..
         } => return image_cmds::verify(dir, (*parallel).max(1), *json),
-        Command::Info { dir, json } => return image_cmds::info(dir, *json),
+        Command::Info { dir, json, .. } => return image_cmds::info(dir, *json),
         _ => {}
     }
     match run(cli, &matches) {
@@ -367,6 +428,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             config,
             options,
             progress,
+            repo,
         } => {
             let (connection, target_dir, options) = config_cmd::backup_options(
                 matches
@@ -377,10 +439,11 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 target_dir,
                 &options,
             )?;
-            let target = if target_dir.is_absolute() {
-                target_dir
-            } else {
-                std::env::current_dir()?.join(target_dir)
+            let upload_to = repo_cmds::backup_staging(&target_dir, &repo)?;
+            let target = match &upload_to {
+                Some((staged, _)) => staged.clone(),
+                None if target_dir.is_absolute() => target_dir,
+                None => std::env::current_dir()?.join(target_dir),
             };
             let conn = connection.resolve(prompt_password)?;
             let json = progress == render::ProgressMode::Json
@@ -392,19 +455,50 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
                 agent::backup::Event::Note(n) => eprintln!("hotbackup: {n}"),
             });
             sink.finish();
-            println!("{}", render::backup_summary(&summary?, json));
+            let summary = summary.with_context(|| match &upload_to {
+                Some((staged, _)) => format!(
+                    "the backup was staged in {} (a full staging filesystem needs --staging-dir elsewhere)",
+                    staged.display()
+                ),
+                None => "the backup failed".into(),
+            })?;
+            println!("{}", render::backup_summary(&summary, json));
+            if let Some((staged, url)) = &upload_to {
+                repo_cmds::upload_staged(staged, url, &repo)?;
+            }
             Ok(())
         }
         Command::Verify { .. } | Command::Info { .. } => unreachable!("handled in main"),
-        Command::Restore { dir, options } => image_cmds::restore(&dir, &options),
+        Command::Restore { dir, options, repo } if agent::repo::Location::is_s3(&dir) => {
+            repo_cmds::restore(&dir, &options, &repo)
+        }
+        Command::Restore { dir, options, .. } => image_cmds::restore(&dir, &options),
         Command::Replica {
             dir,
             connection,
             options,
+            repo,
         } => {
             let server = connection.resolve(prompt_password)?;
-            image_cmds::replica(&dir, &server, &options)
+            if agent::repo::Location::is_s3(&dir) {
+                repo_cmds::replica(&dir, &server, &options, &repo)
+            } else {
+                image_cmds::replica(&dir, &server, &options)
+            }
         }
+        Command::Upload { dir, target, repo } => repo_cmds::upload(&dir, &target, &repo),
+        Command::List {
+            location,
+            json,
+            repo,
+        } => repo_cmds::list(&location, &repo, json),
+        Command::Delete { image, repo } => repo_cmds::delete(&image, &repo),
+        Command::Prune {
+            location,
+            policy,
+            dry_run,
+            repo,
+        } => repo_cmds::prune(&location, &policy, dry_run, &repo),
         Command::BinlogArchive {
             connection,
             options,

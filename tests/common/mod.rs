@@ -6,6 +6,7 @@ pub mod io;
 pub mod load;
 pub mod mariadb;
 pub mod replication;
+pub mod s3;
 pub mod xfs;
 
 use std::fs;

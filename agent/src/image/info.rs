@@ -90,7 +90,7 @@ pub fn info(dir: &Path) -> ImageInfo {
     out
 }
 
-fn summary(image: &Image) -> Summary {
+pub fn summary(image: &Image) -> Summary {
     let m = &image.manifest;
     let db = &m.database;
     let server = &db["server"];
