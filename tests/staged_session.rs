@@ -104,7 +104,10 @@ fn a_client_gone_before_the_stop_aborts_the_session_and_the_next_one_works() {
     let (client, _) = begin(&agent, &target, &[]);
     drop(client);
     agent.wait_no_session();
-    assert!(incomplete_reason(&target).contains("client went away"));
+    // The agent ends the session first and then records why in the marker.
+    common::wait_for("the reason in the marker", Duration::from_secs(20), || {
+        incomplete_reason(&target).contains("client went away")
+    });
     // The agent and mount serve on, and a new session works.
     fs::write(agent.mnt("g"), b"still serving").unwrap();
     let target2 = agent.dir.path().join("t2");
@@ -124,6 +127,9 @@ fn cancel_ends_the_session_with_the_reason_recorded() {
     let (client, _) = begin(&agent, &target, &[]);
     client.cancel("the lock wait timed out");
     agent.wait_no_session();
+    common::wait_for("the reason in the marker", Duration::from_secs(20), || {
+        incomplete_reason(&target).contains("cancelled")
+    });
     let reason = incomplete_reason(&target);
     assert!(
         reason.contains("cancelled: the lock wait timed out"),

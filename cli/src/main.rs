@@ -9,16 +9,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::time::Duration;
-
 use agent::backup::BackupOptions;
 use agent::db::ConnectionOptions;
-use agent::{AgentAddress, AgentOptions, AgentStatus, CopyOptions, Request, Response};
+use agent::{AgentAddress, AgentOptions, CopyOptions, Request, Response};
 use anyhow::{Context, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use render::bytes;
 
 mod adopt_cmds;
+mod agent_cmds;
 mod config_cmd;
 mod image_cmds;
 mod render;
@@ -366,62 +364,16 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             json,
             history_file,
             last,
-        } if agent.named().is_none() => {
-            let host = agent::host::status(&history_file, last);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&host)?);
-            } else {
-                print!("{}", render::host_status(&host));
-            }
-            Ok(())
-        }
-        Command::Status { agent, json, .. } => {
-            let status = match agent::client::call(&agent.address(), &Request::Status)? {
-                Response::Status(s) => *s,
-                Response::Error { message, .. } => bail!("{message}"),
-                other => bail!("unexpected answer from the agent: {other:?}"),
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print_status(&status);
-            }
-            Ok(())
-        }
+        } => match agent.named() {
+            None => agent_cmds::host(&history_file, last, json),
+            Some(address) => agent_cmds::agent(&address, json),
+        },
         Command::Copy {
             agent,
             target_dir,
             options,
             progress,
-        } => {
-            let options = options.session()?;
-            let target = if target_dir.is_absolute() {
-                target_dir
-            } else {
-                std::env::current_dir()?.join(target_dir)
-            };
-            let json = progress == render::ProgressMode::Json
-                || (progress == render::ProgressMode::Auto
-                    && !std::io::IsTerminal::is_terminal(&std::io::stderr()));
-            let mut sink = render::sink(progress);
-            // The agent reports several times a second in every stage: a minute of
-            // silence means it is stuck.
-            let idle = Duration::from_secs(60);
-            let (mut session, _copied) = agent::client::StagedClient::begin(
-                &agent.address(),
-                &target,
-                options,
-                idle,
-                |r| sink.update(r),
-            )?;
-            session.stop(|r| sink.update(r))?;
-            let summary = session.finish("copy", serde_json::Value::Null, Vec::new(), |r| {
-                sink.update(r)
-            })?;
-            sink.finish();
-            println!("{}", render::summary(&summary, json));
-            Ok(())
-        }
+        } => agent_cmds::copy(&agent.address(), target_dir, &options, progress),
         Command::Backup {
             connection,
             target_dir,
@@ -508,7 +460,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             install: _,
             root,
             options,
-        } => systemd(print, &root, &options),
+        } => adopt_cmds::systemd(print, &root, &options),
         Command::Adopt { options } => adopt_cmds::adopt(&options),
         Command::Unadopt { options } => adopt_cmds::unadopt(&options),
         Command::Unmount { agent, force } => {
@@ -522,39 +474,6 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             }
         }
     }
-}
-
-fn systemd(
-    print: bool,
-    root: &std::path::Path,
-    options: &agent::service::ServiceOptions,
-) -> anyhow::Result<()> {
-    use agent::service;
-    let exe = std::env::current_exe().context("could not find the path of this binary")?;
-    let files = service::units(options, &exe)?;
-    if print {
-        for f in &files {
-            println!("### /{}\n{}", f.path.display(), f.text);
-        }
-        return Ok(());
-    }
-    let written = service::install(root, &files)
-        .with_context(|| format!("could not write the units under {}", root.display()))?;
-    for path in written {
-        println!("wrote {}", path.display());
-    }
-    println!(
-        "next: systemctl daemon-reload && systemctl enable --now {}",
-        service::instance_unit(&options.mountpoint)?
-    );
-    if options.timer.is_some() {
-        println!(
-            "and: systemctl enable --now {} (its options: {})",
-            service::BACKUP_TIMER,
-            agent::config::DEFAULT_PATH
-        );
-    }
-    Ok(())
 }
 
 fn binlog_archive(
@@ -587,76 +506,4 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     Ok(())
-}
-
-fn print_status(s: &AgentStatus) {
-    println!(
-        "agent       pid {} (hotbackup {}), up {}",
-        s.pid,
-        s.version,
-        duration(s.uptime_secs)
-    );
-    println!("backing     {}", s.backing.display());
-    println!("mountpoint  {}", s.mountpoint.display());
-    println!("socket      {}", s.socket.display());
-    println!("threads     {}", s.threads);
-    println!(
-        "inodes      {} known to the kernel, {} files/dirs open",
-        s.inodes, s.open_handles
-    );
-    println!(
-        "bytes       {} read, {} written",
-        bytes(s.stats.bytes_read),
-        bytes(s.stats.bytes_written)
-    );
-    let mut ops: Vec<_> = s.stats.ops.iter().collect();
-    ops.sort_by(|a, b| b.1.cmp(a.1));
-    let ops: Vec<String> = ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!(
-        "operations  {}",
-        if ops.is_empty() {
-            "none yet".into()
-        } else {
-            ops.join(", ")
-        }
-    );
-    let errnos: Vec<String> = s
-        .stats
-        .errnos
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    println!(
-        "errors      {} answered with an errno{}",
-        s.stats.errors,
-        if errnos.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", errnos.join(", "))
-        }
-    );
-    if let Some(p) = &s.session {
-        println!(
-            "session     {:?}: {}/{} files, {} of {} copied, {} mirrored{}",
-            p.phase.unwrap_or(agent::Phase::Copying),
-            p.files_copied,
-            p.files_total,
-            bytes(p.bytes_copied),
-            bytes(p.bytes_total),
-            bytes(p.bytes_mirrored),
-            p.error
-                .as_deref()
-                .map(|e| format!(" (error: {e})"))
-                .unwrap_or_default()
-        );
-    }
-}
-
-pub(crate) fn duration(secs: f64) -> String {
-    let s = secs as u64;
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
-    }
 }

@@ -194,7 +194,11 @@ pub fn host_status(s: &agent::host::HostStatus) -> String {
     for a in &s.agents {
         let (agent, session) = match (&a.status, &a.error) {
             (Some(st), _) => (
-                format!("pid {}, up {}", st.pid, crate::duration(st.uptime_secs)),
+                format!(
+                    "pid {}, up {}",
+                    st.pid,
+                    crate::agent_cmds::duration(st.uptime_secs)
+                ),
                 st.session.as_ref().map_or("none".to_string(), |p| {
                     format!(
                         "{:?}: {}/{} files, {} of {} copied, {} mirrored",
