@@ -27,8 +27,10 @@ pub struct CopyOptions {
     pub exclude: Vec<String>,
     /// CPU and I/O priority of the copier: background (nice 10: the database's threads
     /// get the CPU first), idle (also the idle I/O class) or normal.
-    #[arg(long, value_enum, default_value_t = Priority::Background)]
-    pub priority: Priority,
+    #[arg(long, value_name = "PRIORITY", default_value = "background",
+          value_parser = clap::builder::PossibleValuesParser::new(["background", "idle", "normal"])
+              .map(|s: String| priority(&s)))]
+    pub priority: CopierPriority,
     /// MB of image writes each copier thread keeps in flight before it waits for the
     /// disk (0: leave writeback to the kernel, which sends it in bursts the database's
     /// fsyncs queue behind).
@@ -41,6 +43,14 @@ pub struct CopyOptions {
           value_parser = clap::builder::PossibleValuesParser::new(["auto", "always", "never"])
               .map(|s: String| clone_mode(&s)))]
     pub clone: CloneMode,
+}
+
+fn priority(s: &str) -> CopierPriority {
+    match s {
+        "idle" => CopierPriority::Idle,
+        "normal" => CopierPriority::Normal,
+        _ => CopierPriority::Background,
+    }
 }
 
 fn clone_mode(s: &str) -> CloneMode {
@@ -78,15 +88,6 @@ impl std::str::FromStr for Throttle {
     }
 }
 
-/// `--priority`: the command-line face of [`CopierPriority`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Priority {
-    Background,
-    Idle,
-    Normal,
-}
-
 impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
@@ -94,7 +95,7 @@ impl Default for CopyOptions {
             throttle: None,
             latency_budget: None,
             exclude: Vec::new(),
-            priority: Priority::Background,
+            priority: CopierPriority::Background,
             writeback_window: 8,
             clone: CloneMode::Auto,
         }
@@ -141,11 +142,7 @@ impl CopyOptions {
             throttle_auto: auto,
             latency_budget_us: budget,
             exclude: self.exclude.clone(),
-            priority: match self.priority {
-                Priority::Background => CopierPriority::Background,
-                Priority::Idle => CopierPriority::Idle,
-                Priority::Normal => CopierPriority::Normal,
-            },
+            priority: self.priority,
             writeback_window: self.writeback_window << 20,
             clone: self.clone,
             ..SessionOptions::default()
@@ -197,6 +194,14 @@ mod tests {
             (Some(2500), None)
         );
         assert!(Cli::try_parse_from(["x", "--throttle", "fast"]).is_err());
+        let idle = Cli::parse_from(["x", "--priority", "idle"]);
+        let idle_config: CopyOptions = serde_json::from_str(r#"{"priority": "idle"}"#).unwrap();
+        assert_eq!(idle.copy, idle_config);
+        assert_eq!(
+            idle_config.session().unwrap().priority,
+            CopierPriority::Idle
+        );
+        assert!(Cli::try_parse_from(["x", "--priority", "low"]).is_err());
         let s = config.session().unwrap();
         assert_eq!(s.throttle_bytes_per_sec, Some(50_000_000));
         assert_eq!(s.parallel, 3);
