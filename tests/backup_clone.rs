@@ -92,18 +92,8 @@ fn a_cloned_backup_under_load_restores_to_the_recorded_gtid() {
 fn clone_always_refuses_a_target_on_another_filesystem() {
     let agent = Agent::start_on_xfs("1G");
     std::fs::write(agent.mnt("f"), vec![7u8; 100_000]).unwrap();
-    let copy = |target: &std::path::Path, clone: &str| {
-        common::hotbackup(&[
-            "copy",
-            "--mountpoint",
-            agent.mountpoint.to_str().unwrap(),
-            "--target-dir",
-            target.to_str().unwrap(),
-            "--progress",
-            "json",
-            clone,
-        ])
-    };
+    let copy =
+        |target: &std::path::Path, clone: &str| agent.copy(target, &["--progress", "json", clone]);
     // The agent's temp directory is not on the XFS.
     let refused = copy(&agent.dir.path().join("always"), "--clone=always");
     let stderr = String::from_utf8_lossy(&refused.stderr);

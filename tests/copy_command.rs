@@ -12,20 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::load::{LoadOptions, WriteLoad};
 use common::mariadb::{MariaDb, ServerUser};
-use common::{Agent, hotbackup, hotbackup_bin, is_mounted, wait_for};
+use common::{Agent, hotbackup_bin, is_mounted, wait_for};
 
 fn copy(agent: &Agent, target: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "copy",
-        "--mountpoint",
-        agent.mountpoint.to_str().unwrap(),
-        "--target-dir",
-        target.to_str().unwrap(),
-        "--progress",
-        "none",
-    ];
-    args.extend_from_slice(extra);
-    hotbackup(&args)
+    agent.copy(target, &[&["--progress", "none"], extra].concat())
 }
 
 fn spawn_copy(agent: &Agent, target: &Path, extra: &[&str]) -> Child {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::s3::{BUCKET, CutProxy, Moto};
-use common::{Agent, hotbackup};
+use common::Agent;
 
 #[track_caller]
 fn ok(out: Output) -> String {
@@ -38,14 +38,7 @@ fn image(agent: &Agent, target: &Path) {
         f.set_len(64 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 32 << 20).unwrap();
     }
-    ok(hotbackup(&[
-        "copy",
-        "--mountpoint",
-        agent.mountpoint.to_str().unwrap(),
-        "--target-dir",
-        target.to_str().unwrap(),
-        "--progress=none",
-    ]));
+    ok(agent.copy(target, &["--progress=none"]));
 }
 
 #[test]

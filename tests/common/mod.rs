@@ -149,6 +149,20 @@ impl Agent {
         self.mountpoint.join(rel)
     }
 
+    /// `hotbackup copy` of this agent's tree into `target`, found from its mountpoint;
+    /// `extra` adds options (a `--progress` among them).
+    pub fn copy(&self, target: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "copy",
+            "--mountpoint",
+            self.mountpoint.to_str().unwrap(),
+            "--target-dir",
+            target.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        hotbackup(&args)
+    }
+
     /// `hotbackup status --json` of this agent, found from its mountpoint as a user would.
     pub fn status(&self) -> serde_json::Value {
         let out = hotbackup(&[
