@@ -10,8 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::s3::{BUCKET, CutProxy, Moto};
 use common::Agent;
+use common::s3::{BUCKET, CutProxy, Moto};
 
 #[track_caller]
 fn ok(out: Output) -> String {

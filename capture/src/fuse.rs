@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use crate::fs::{Caller, FsResult, Opened, PassthroughFs, SetAttr, XattrReply};
-use crate::stats::Op;
+use crate::stats::{AppLatency, Op};
 
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1024 * 1024;
@@ -33,7 +33,7 @@ impl FuseAdapter {
 
     fn run<T>(&self, op: Op, call: impl FnOnce(&PassthroughFs) -> FsResult<T>) -> Result<T, Errno> {
         self.fs.stats.count(op);
-        let timed = matches!(op, Op::write | Op::fsync | Op::fsyncdir).then(Instant::now);
+        let timed = AppLatency::times(op).then(Instant::now);
         let outcome = catch_unwind(AssertUnwindSafe(|| call(&self.fs)));
         if let Some(t0) = timed {
             self.fs.stats.latency.record(op, t0.elapsed());

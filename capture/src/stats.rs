@@ -156,6 +156,11 @@ pub struct LatencyTotals {
 }
 
 impl AppLatency {
+    /// Whether `op` is timed (the callers skip the clock for every other operation).
+    pub fn times(op: Op) -> bool {
+        matches!(op, Op::write | Op::fsync | Op::fsyncdir)
+    }
+
     pub fn record(&self, op: Op, took: std::time::Duration) {
         let ns = took.as_nanos() as u64;
         let (n, sum) = match op {
