@@ -144,6 +144,9 @@ pub struct AppLatency {
     sync_ns: AtomicU64,
     writes: AtomicU64,
     write_ns: AtomicU64,
+    /// What happened while capture sessions ran: left out of [`AppLatency::baseline`],
+    /// so that one backup's slower syncs do not loosen the next one's budget.
+    during_sessions: parking_lot::Mutex<LatencyTotals>,
 }
 
 /// Totals of [`AppLatency`] at one moment.
@@ -172,6 +175,22 @@ impl AppLatency {
         sum.fetch_add(ns, Ordering::Relaxed);
     }
 
+    /// The totals of the time outside capture sessions.
+    pub fn baseline(&self) -> LatencyTotals {
+        self.totals().minus(&self.during_sessions.lock())
+    }
+
+    /// A session that started when the totals were `start` has ended: what happened
+    /// since leaves the baseline.
+    pub fn session_ended(&self, start: &LatencyTotals) {
+        let during = self.totals().minus(start);
+        let mut d = self.during_sessions.lock();
+        d.syncs += during.syncs;
+        d.sync_ns += during.sync_ns;
+        d.writes += during.writes;
+        d.write_ns += during.write_ns;
+    }
+
     pub fn totals(&self) -> LatencyTotals {
         LatencyTotals {
             syncs: self.syncs.load(Ordering::Relaxed),
@@ -183,6 +202,15 @@ impl AppLatency {
 }
 
 impl LatencyTotals {
+    fn minus(&self, other: &LatencyTotals) -> LatencyTotals {
+        LatencyTotals {
+            syncs: self.syncs.saturating_sub(other.syncs),
+            sync_ns: self.sync_ns.saturating_sub(other.sync_ns),
+            writes: self.writes.saturating_sub(other.writes),
+            write_ns: self.write_ns.saturating_sub(other.write_ns),
+        }
+    }
+
     /// The mean latency of what happened between `earlier` and `self`: of the syncs if
     /// there were any (a commit waits for them), else of the writes; None if neither.
     pub fn mean_since(&self, earlier: &LatencyTotals) -> Option<std::time::Duration> {

@@ -34,7 +34,7 @@ use crate::inode::{Inode, InodeKey, InodeTable};
 use crate::session::{
     AbortReason, CaptureError, CaptureSession, NamespaceGuard, Phase, SessionOptions, ValidityPoint,
 };
-use crate::stats::FsStats;
+use crate::stats::{FsStats, LatencyTotals};
 use crate::sys::{self, Errno, FsCredentials, cstr, cvt};
 
 /// A failed operation; each maps to the errno the application sees.
@@ -115,8 +115,9 @@ pub struct PassthroughFs {
     pub ttl: Duration,
     /// Whether a capture session runs; every mutating operation passes through it.
     gate: CaptureGate<CaptureSession>,
-    /// Serializes starting and stopping sessions.
-    capture_ctl: Mutex<()>,
+    /// Serializes starting and stopping sessions; holds the application's latency
+    /// totals from when the running session started.
+    capture_ctl: Mutex<Option<LatencyTotals>>,
     /// Namespace operations hold it shared; a stop holds it exclusively from just
     /// before the validity point until the image's metadata is read, so that no rename
     /// lends an entry another inode's metadata, without the walk lengthening the stop.
@@ -133,7 +134,7 @@ pub struct Stopped<'a> {
     pub at: SystemTime,
     pub progress: crate::session::Progress,
     _frozen: parking_lot::RwLockWriteGuard<'a, ()>,
-    _ctl: parking_lot::MutexGuard<'a, ()>,
+    _ctl: parking_lot::MutexGuard<'a, Option<LatencyTotals>>,
 }
 
 impl std::fmt::Debug for Stopped<'_> {
@@ -219,7 +220,7 @@ impl PassthroughFs {
             stats: FsStats::default(),
             ttl: Duration::from_secs(1),
             gate: CaptureGate::new(),
-            capture_ctl: Mutex::new(()),
+            capture_ctl: Mutex::new(None),
             ns_freeze: RwLock::new(()),
             hooks: Arc::new(Hooks::default()),
         })
@@ -244,7 +245,7 @@ impl PassthroughFs {
         image: &Path,
         options: SessionOptions,
     ) -> Result<Arc<CaptureSession>, CaptureError> {
-        let _ctl = self.capture_ctl.lock();
+        let mut ctl = self.capture_ctl.lock();
         if self.gate.peek().is_some() {
             return Err(CaptureError::SessionRunning);
         }
@@ -269,6 +270,7 @@ impl PassthroughFs {
         // A second barrier: writes that looked for their file before it was registered
         // (and so took no range lock) are done before the copier reads anything.
         self.gate.switch(Some(session.clone()));
+        *ctl = Some(self.stats.latency.totals());
         session.start_copier();
         Ok(session)
     }
@@ -284,20 +286,21 @@ impl PassthroughFs {
     /// the copy phase again and retry); an aborted session is ended. The namespace stays
     /// frozen until the returned `Stopped` has read the image's metadata.
     pub fn stop_capture(&self) -> Result<Stopped<'_>, CaptureError> {
-        let ctl = self.capture_ctl.lock();
+        let mut ctl = self.capture_ctl.lock();
         let session = self.gate.peek().ok_or(CaptureError::NoSession)?;
         let frozen = self.ns_freeze.write();
         let ns = session.namespace();
         // Under the namespace lock no late work can arrive: what is pending now is all.
         if let Some(reason) = session.error() {
             drop((ns, frozen));
-            self.end_session(&session);
+            self.end_session(&session, &mut ctl);
             return Err(CaptureError::Aborted(reason));
         }
         if !session.is_copied() {
             return Err(CaptureError::NotCopied(session.files_pending()));
         }
         self.gate.switch(None);
+        self.latency_window_closes(&mut ctl);
         let stopped = session.mark_stopped();
         drop(ns);
         session.join_copiers();
@@ -316,17 +319,26 @@ impl PassthroughFs {
     /// Ends the session without a validity point (the client went away, or a failure).
     /// When this returns no copier thread of it is left.
     pub fn abort_capture(&self, reason: AbortReason) {
-        let _ctl = self.capture_ctl.lock();
+        let mut ctl = self.capture_ctl.lock();
         if let Some(session) = self.gate.peek() {
             session.abort(reason);
-            self.end_session(&session);
+            self.end_session(&session, &mut ctl);
         }
     }
 
-    fn end_session(&self, session: &CaptureSession) {
+    fn end_session(&self, session: &CaptureSession, ctl: &mut Option<LatencyTotals>) {
         debug_assert!(session.phase() == Phase::Aborted);
         self.gate.switch(None);
+        self.latency_window_closes(ctl);
         session.join_copiers();
+    }
+
+    /// The application's latency while a session ran stays out of the baseline the
+    /// next session's `--throttle auto` budget comes from.
+    fn latency_window_closes(&self, ctl: &mut Option<LatencyTotals>) {
+        if let Some(start) = ctl.take() {
+            self.stats.latency.session_ended(&start);
+        }
     }
 
     fn enter_namespace(&self) -> NamespacePass<'_> {

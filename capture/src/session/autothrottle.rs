@@ -3,6 +3,12 @@
 //! before the backup); every window the copier speeds up additively while the
 //! application's mean sync latency (or write latency, when it does not sync) stays within
 //! the budget, and halves its rate when it does not.
+//!
+//! A budget the agent chose itself follows the application when backing off does not
+//! help: if the application stays over it while the copier is nearly stopped, the
+//! copier is not the cause (a busier hour than the baseline was measured in), and a
+//! budget below what the application sees without us would only stall the backup. An
+//! operator's own `--latency-budget` is kept as given.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,17 +30,27 @@ const STEP: f64 = 8e6;
 const FALLBACK_BUDGET: Duration = Duration::from_millis(5);
 /// The budget is never tighter than this (scheduling noise on a busy host).
 const MIN_BUDGET: Duration = Duration::from_millis(1);
+/// At or below this rate the copier is "nearly stopped"...
+const NEARLY_STOPPED: f64 = 4e6;
+/// ...and this many windows over budget there make a chosen budget follow the
+/// application, to this multiple of what it sees.
+const NOT_OUR_FAULT: u32 = 5;
+const FOLLOW: f64 = 1.5;
 
 pub(crate) struct AutoThrottle {
     latency: Arc<AppLatency>,
-    budget: Duration,
+    /// Whether the budget is the operator's (kept) or the agent's (may follow).
+    given: bool,
     state: Mutex<State>,
 }
 
 struct State {
     rate: f64,
+    budget: Duration,
     since: Instant,
     at: LatencyTotals,
+    /// Consecutive windows over budget with the copier nearly stopped.
+    stuck: u32,
 }
 
 /// What one window's measurement did to the rate (for logs and tests).
@@ -47,11 +63,14 @@ pub(crate) enum Step {
 
 impl AutoThrottle {
     /// Watches `latency`; with no `budget`, twice the mean the application saw on this
-    /// mount so far (at least `MIN_BUDGET`).
+    /// mount outside backups (at least `MIN_BUDGET`).
     pub(crate) fn new(latency: Arc<AppLatency>, budget: Option<Duration>) -> AutoThrottle {
         let at = latency.totals();
+        let given = budget.is_some();
         let budget = budget.unwrap_or_else(|| {
-            at.mean_since(&LatencyTotals::default())
+            latency
+                .baseline()
+                .mean_since(&LatencyTotals::default())
                 .map_or(FALLBACK_BUDGET, |m| (m * 2).max(MIN_BUDGET))
         });
         tracing::info!(
@@ -60,18 +79,20 @@ impl AutoThrottle {
         );
         AutoThrottle {
             latency,
-            budget,
+            given,
             state: Mutex::new(State {
                 rate: START_RATE,
+                budget,
                 since: Instant::now(),
                 at,
+                stuck: 0,
             }),
         }
     }
 
     #[cfg(test)]
     pub(crate) fn budget(&self) -> Duration {
-        self.budget
+        self.state.lock().budget
     }
 
     /// The current rate in bytes per second, first reconsidered if a window has passed.
@@ -89,7 +110,21 @@ impl AutoThrottle {
 
     fn adjust(&self, st: &mut State, mean: Option<Duration>) -> Step {
         match mean {
-            Some(m) if m > self.budget => {
+            Some(m) if m > st.budget => {
+                st.stuck = if st.rate <= NEARLY_STOPPED {
+                    st.stuck + 1
+                } else {
+                    0
+                };
+                if st.stuck >= NOT_OUR_FAULT && !self.given {
+                    st.budget = m.mul_f64(FOLLOW);
+                    st.stuck = 0;
+                    tracing::info!(
+                        budget_us = st.budget.as_micros() as u64,
+                        "the application stays slow with the copier nearly stopped; the latency budget follows it"
+                    );
+                    return Step::Unchanged;
+                }
                 st.rate = (st.rate / 2.0).max(MIN_RATE);
                 tracing::debug!(
                     mean_us = m.as_micros() as u64,
@@ -100,10 +135,14 @@ impl AutoThrottle {
             }
             // Within budget, or the application did not write at all: speed up.
             _ if st.rate < MAX_RATE => {
+                st.stuck = 0;
                 st.rate = (st.rate + STEP).min(MAX_RATE);
                 Step::Faster
             }
-            _ => Step::Unchanged,
+            _ => {
+                st.stuck = 0;
+                Step::Unchanged
+            }
         }
     }
 
@@ -161,6 +200,46 @@ mod tests {
         );
         let idle = AutoThrottle::new(Arc::new(AppLatency::default()), None);
         assert_eq!(idle.budget(), FALLBACK_BUDGET);
+    }
+
+    #[test]
+    fn a_chosen_budget_follows_an_application_that_stays_slow_without_us() {
+        let lat = Arc::new(AppLatency::default());
+        lat.record(Op::fsync, Duration::from_millis(2));
+        let chosen = AutoThrottle::new(lat.clone(), None);
+        let given = throttle(4);
+        for t in [&chosen, &given] {
+            let mut st = t.state.lock();
+            // Ten windows at 20 ms: the rate falls to the floor, then it is stuck there.
+            for _ in 0..10 {
+                t.adjust(&mut st, Some(Duration::from_millis(20)));
+            }
+        }
+        assert_eq!(chosen.budget(), Duration::from_millis(30));
+        assert_eq!(
+            given.budget(),
+            Duration::from_millis(4),
+            "the operator's budget is kept"
+        );
+        // Within the new budget the chosen one speeds up again.
+        let mut st = chosen.state.lock();
+        assert_eq!(
+            chosen.adjust(&mut st, Some(Duration::from_millis(20))),
+            Step::Faster
+        );
+    }
+
+    #[test]
+    fn the_baseline_leaves_out_what_the_application_saw_during_backups() {
+        let lat = Arc::new(AppLatency::default());
+        lat.record(Op::fsync, Duration::from_millis(1));
+        let start = lat.totals();
+        lat.record(Op::fsync, Duration::from_millis(50));
+        lat.session_ended(&start);
+        assert_eq!(
+            AutoThrottle::new(lat, None).budget(),
+            Duration::from_millis(2)
+        );
     }
 
     #[test]
