@@ -201,6 +201,16 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
         "{stdout}"
     );
     let refused_root = work.path().join("tampered");
+    // A dry run reads the manifest and the side files only: the damaged data object
+    // is not downloaded, and nothing is placed.
+    let out = restore(&moto, &plain, &refused_root, &["--dry-run"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("would download") && stdout.contains("dry run: nothing was changed"),
+        "{stdout}"
+    );
+    assert!(!refused_root.exists(), "a dry run placed something");
     let out = restore(&moto, &plain, &refused_root, &[]);
     let (_, stderr) = text(&out);
     assert!(!out.status.success());

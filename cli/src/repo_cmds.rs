@@ -250,6 +250,9 @@ pub fn restore(
             restore.datadir.display()
         );
     }
+    if restore.dry_run {
+        return dry_run(&image, restore, options);
+    }
     let dir = staging(options, &restore.datadir, &image.name)?;
     let staged = Staged(dir.clone());
     let needed = image.manifest.image.totals.bytes;
@@ -282,6 +285,27 @@ pub fn restore(
         // Every object was checked as it arrived.
         no_verify: true,
         move_files: same_fs && !restore.dry_run,
+        ..restore.clone()
+    };
+    crate::image_cmds::restore(&dir, &options)
+}
+
+/// `restore s3://… --dry-run`: the plan from the manifest and the side files alone
+/// (what a restore checks before it places anything), not a download of the data.
+fn dry_run(
+    image: &RemoteImage,
+    restore: &agent::restore::RestoreOptions,
+    options: &RepoOptions,
+) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir().context("cannot make a temporary directory")?;
+    let dir = tmp.path().join(&image.name);
+    download::fetch(image, &dir, options, false, |_| {})?;
+    println!(
+        "would download {} from the bucket first (into --staging-dir, or next to the datadir), checking every object",
+        bytes(image.manifest.image.totals.bytes)
+    );
+    let options = agent::restore::RestoreOptions {
+        no_verify: true,
         ..restore.clone()
     };
     crate::image_cmds::restore(&dir, &options)
