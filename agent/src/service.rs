@@ -171,8 +171,12 @@ LimitNOFILE=1048576
 # PrivateDevices, ReadOnlyPaths, ProtectKernel*...), or the server would see the empty
 # directory under it. Mounting needs CAP_SYS_ADMIN and /dev/fuse; passing through a
 # request as its caller needs the file-ownership capabilities and setfsuid/setfsgid.
+# The loop devices are for `--block-device auto` (a fuseblk mount over a 1 MiB loop
+# device of the agent's own, so that InnoDB writes its redo log with O_DIRECT).
 DevicePolicy=closed
 DeviceAllow=/dev/fuse rw
+DeviceAllow=/dev/loop-control rw
+DeviceAllow=block-loop rw
 CapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_FSETID CAP_CHOWN CAP_SETUID CAP_SETGID CAP_MKNOD
 NoNewPrivileges=yes
 RestrictAddressFamilies=AF_UNIX
@@ -208,7 +212,7 @@ pub fn environment_file(mountpoint: &Path, backing: &Path) -> String {
         "\
 # The hotbackup agent serving {mountpoint} (written by `hotbackup systemd --install`).
 HOTBACKUP_BACKING={backing}
-# Extra flags of `hotbackup agent`, split at spaces, e.g. --threads 16 --log-level debug
+# Extra flags of `hotbackup agent`, split at spaces, e.g. --threads 16 --block-device auto
 HOTBACKUP_AGENT_OPTIONS=
 ",
         mountpoint = mountpoint.display(),
@@ -397,6 +401,7 @@ mod tests {
             "KillSignal=SIGTERM",
             "EnvironmentFile=/etc/hotbackup/agent-%i.env",
             "DeviceAllow=/dev/fuse rw",
+            "DeviceAllow=block-loop rw",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line}");
         }
