@@ -414,13 +414,26 @@ fn throttle_auto_backs_off_while_the_application_suffers() {
         n
     });
     let started = Instant::now();
-    let out = copy(
-        &agent,
-        &agent.dir.path().join("paced"),
-        &["--throttle", "auto", "--latency-budget", "0.01"],
-    );
+    // Half-way through the suffering, `status` shows the pace the copier keeps.
+    let (out, pace) = std::thread::scope(|s| {
+        let pace = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(1500));
+            agent.status()["session"]["pace"].clone()
+        });
+        let out = copy(
+            &agent,
+            &agent.dir.path().join("paced"),
+            &["--throttle", "auto", "--latency-budget", "0.01"],
+        );
+        (out, pace.join().unwrap())
+    });
     let took = started.elapsed();
     let syncs = writer.join().unwrap();
+    assert_eq!(pace["budget_us"], 10, "{pace}");
+    assert!(
+        pace["bytes_per_sec"].as_u64().unwrap() < 64_000_000,
+        "the copier kept its starting rate while every fsync was over budget: {pace}"
+    );
     assert!(
         out.status.success(),
         "{}",

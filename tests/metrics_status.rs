@@ -17,7 +17,7 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-const METRICS: [&str; 9] = [
+const METRICS: [&str; 10] = [
     "hotbackup_last_success_timestamp_seconds",
     "hotbackup_last_attempt_timestamp_seconds",
     "hotbackup_last_attempt_success",
@@ -26,6 +26,7 @@ const METRICS: [&str; 9] = [
     "hotbackup_last_bytes",
     "hotbackup_last_bytes_copied",
     "hotbackup_last_bytes_mirrored",
+    "hotbackup_last_bytes_cloned",
     "hotbackup_errors_total",
 ];
 

@@ -169,6 +169,7 @@ pub fn run(
                 bytes: s.image.bytes,
                 bytes_copied: s.image.bytes_copied,
                 bytes_mirrored: s.image.bytes_mirrored,
+                bytes_cloned: s.image.bytes_cloned,
             }),
         };
         if let Err(e) = metrics::record(path, &attempt) {

@@ -25,6 +25,7 @@ pub struct SuccessValues {
     pub bytes: u64,
     pub bytes_copied: u64,
     pub bytes_mirrored: u64,
+    pub bytes_cloned: u64,
 }
 
 /// Everything the file holds.
@@ -41,7 +42,7 @@ pub struct BackupMetrics {
 }
 
 /// Name, type and help of each metric, in the order they are written.
-const METRICS: [(&str, &str, &str); 9] = [
+const METRICS: [(&str, &str, &str); 10] = [
     (
         "hotbackup_last_success_timestamp_seconds",
         "gauge",
@@ -83,6 +84,11 @@ const METRICS: [(&str, &str, &str); 9] = [
         "Bytes the last successful backup mirrored from writes made during the copy.",
     ),
     (
+        "hotbackup_last_bytes_cloned",
+        "gauge",
+        "The part of the copied bytes the last successful backup cloned (reflinked).",
+    ),
+    (
         "hotbackup_errors_total",
         "counter",
         "Backups that failed or were cancelled, across runs.",
@@ -109,7 +115,7 @@ impl BackupMetrics {
         m
     }
 
-    fn values(&self) -> [f64; 9] {
+    fn values(&self) -> [f64; 10] {
         [
             self.last_success_timestamp,
             self.last_attempt_timestamp,
@@ -119,6 +125,7 @@ impl BackupMetrics {
             self.last_success.bytes as f64,
             self.last_success.bytes_copied as f64,
             self.last_success.bytes_mirrored as f64,
+            self.last_success.bytes_cloned as f64,
             self.errors_total as f64,
         ]
     }
@@ -166,6 +173,7 @@ impl BackupMetrics {
                 "hotbackup_last_bytes" => m.last_success.bytes = value as u64,
                 "hotbackup_last_bytes_copied" => m.last_success.bytes_copied = value as u64,
                 "hotbackup_last_bytes_mirrored" => m.last_success.bytes_mirrored = value as u64,
+                "hotbackup_last_bytes_cloned" => m.last_success.bytes_cloned = value as u64,
                 "hotbackup_errors_total" => m.errors_total = value as u64,
                 _ => found = false,
             }
@@ -257,6 +265,7 @@ mod tests {
                 bytes: 1000,
                 bytes_copied: 900,
                 bytes_mirrored: 100,
+                bytes_cloned: 400,
             }),
         }
     }

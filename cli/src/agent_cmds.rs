@@ -114,13 +114,8 @@ fn print_status(s: &AgentStatus) {
     );
     if let Some(p) = &s.session {
         println!(
-            "session     {:?}: {}/{} files, {} of {} copied, {} mirrored{}",
-            p.phase.unwrap_or(agent::Phase::Copying),
-            p.files_copied,
-            p.files_total,
-            bytes(p.bytes_copied),
-            bytes(p.bytes_total),
-            bytes(p.bytes_mirrored),
+            "session     {}{}",
+            crate::render::session_line(p),
             p.error
                 .as_deref()
                 .map(|e| format!(" (error: {e})"))

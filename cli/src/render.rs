@@ -64,10 +64,11 @@ impl ProgressSink for Bar {
         self.0.set_length(p.bytes_total.max(p.bytes_copied));
         self.0.set_position(p.bytes_copied);
         self.0.set_message(format!(
-            "{}/{} files, {} mirrored{}",
+            "{}/{} files, {} mirrored{}{}",
             p.files_copied,
             p.files_total,
             bytes(p.bytes_mirrored),
+            pace(p),
             p.current_file
                 .as_deref()
                 .map(|f| format!(", {f}"))
@@ -115,6 +116,31 @@ pub fn summary(s: &CopySummary, json: bool) -> String {
         bytes(rate as u64),
         s.validity_point
     )
+}
+
+/// A running session in one line: phase, files, bytes (cloned, mirrored), the pace.
+pub fn session_line(p: &agent::Progress) -> String {
+    format!(
+        "{:?}: {}/{} files, {} of {}, {} mirrored{}",
+        p.phase.unwrap_or(agent::Phase::Copying),
+        p.files_copied,
+        p.files_total,
+        copied(p.bytes_copied, p.bytes_cloned),
+        bytes(p.bytes_total),
+        bytes(p.bytes_mirrored),
+        pace(p)
+    )
+}
+
+/// ", copier paced at R/s (budget B ms)" under `--throttle auto`, else nothing.
+fn pace(p: &agent::Progress) -> String {
+    p.pace.map_or(String::new(), |pace| {
+        format!(
+            ", copier paced at {}/s (latency budget {:.1} ms)",
+            bytes(pace.bytes_per_sec),
+            pace.budget_us as f64 / 1000.0
+        )
+    })
 }
 
 /// "N copied", saying how much of it was cloned (reflinked) when any was.
@@ -199,17 +225,7 @@ pub fn host_status(s: &agent::host::HostStatus) -> String {
                     st.pid,
                     crate::agent_cmds::duration(st.uptime_secs)
                 ),
-                st.session.as_ref().map_or("none".to_string(), |p| {
-                    format!(
-                        "{:?}: {}/{} files, {} of {} copied, {} mirrored",
-                        p.phase.unwrap_or(agent::Phase::Copying),
-                        p.files_copied,
-                        p.files_total,
-                        bytes(p.bytes_copied),
-                        bytes(p.bytes_total),
-                        bytes(p.bytes_mirrored)
-                    )
-                }),
+                st.session.as_ref().map_or("none".to_string(), session_line),
             ),
             (None, error) => (
                 format!("no answer: {}", error.as_deref().unwrap_or("unknown")),

@@ -95,6 +95,15 @@ impl AutoThrottle {
         self.state.lock().budget
     }
 
+    /// The current rate and budget, for progress displays.
+    pub(crate) fn pace(&self) -> super::Pace {
+        let st = self.state.lock();
+        super::Pace {
+            bytes_per_sec: st.rate as u64,
+            budget_us: st.budget.as_micros() as u64,
+        }
+    }
+
     /// The current rate in bytes per second, first reconsidered if a window has passed.
     pub(crate) fn rate(&self) -> f64 {
         let mut st = self.state.lock();

@@ -244,6 +244,13 @@ impl Phase {
     }
 }
 
+/// The pace `--throttle auto` keeps.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Pace {
+    pub bytes_per_sec: u64,
+    pub budget_us: u64,
+}
+
 /// Where a session stands, for progress displays.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
@@ -259,6 +266,9 @@ pub struct Progress {
     /// The copier clones file ranges in this session (decided at its start).
     #[serde(default)]
     pub cloning: bool,
+    /// With `--throttle auto`: the copier's current rate and the latency budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pace: Option<Pace>,
     pub current_file: Option<String>,
     pub error: Option<String>,
 }
@@ -425,6 +435,7 @@ impl CaptureSession {
             bytes_mirrored: self.bytes_mirrored.load(Relaxed),
             bytes_cloned: self.bytes_cloned.load(Relaxed),
             cloning: self.clone_block.load(Relaxed) > 0,
+            pace: self.auto_throttle.as_ref().map(|t| t.pace()),
             current_file: self
                 .current
                 .lock()
