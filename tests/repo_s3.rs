@@ -229,6 +229,55 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
         leftovers.is_empty(),
         "the staging directory was left behind"
     );
+    // An encrypted image's manifest is sealed: one changed byte (the metadata kept), or
+    // the MAC dropped, and nothing it says is trusted.
+    let manifest_key = moto
+        .keys("nightly/enc/")
+        .into_iter()
+        .find(|k| k.ends_with("hotbackup-repo.json"))
+        .unwrap();
+    let saved = work.path().join("sealed-manifest");
+    let saved_s = saved.to_str().unwrap();
+    let put = |body: &str, metadata: &str| {
+        moto.python(&format!(
+            "import pickle\nc = s3()\nb, meta = pickle.load(open({saved_s:?}, 'rb'))\n{body}\n\
+             c.put_object(Bucket={BUCKET:?}, Key={manifest_key:?}, Body=b, Metadata={metadata})"
+        ))
+    };
+    moto.python(&format!(
+        "import pickle\nc = s3()\no = c.get_object(Bucket={BUCKET:?}, Key={manifest_key:?})\n\
+         pickle.dump((o['Body'].read(), o['Metadata']), open({saved_s:?}, 'wb'))"
+    ));
+    put(
+        "b = b.replace(b'\"uploaded_from\": \"/', b'\"uploaded_from\": \"//')",
+        "meta",
+    );
+    for args in [
+        vec!["verify", enc.as_str(), "--encrypt-key-file", key_s],
+        vec![
+            "restore",
+            enc.as_str(),
+            "--datadir",
+            refused_root.to_str().unwrap(),
+            "--encrypt-key-file",
+            key_s,
+        ],
+    ] {
+        let out = moto.hotbackup(&args);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("hotbackup-repo.json") && stderr.contains("MAC does not match"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!refused_root.exists(), "something was placed");
+    }
+    put("pass", "{}");
+    let out = moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(text(&out).1.contains("carries no MAC"), "{:?}", text(&out));
+    put("pass", "meta");
+    ok(moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]));
     // Encrypted, a flipped bit fails authentication.
     tamper(&moto, "nightly/enc/", "ibdata1.zst.enc");
     let out = moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]);

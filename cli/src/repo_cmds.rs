@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use agent::image::info::{ImageInfo, State};
 use agent::repo::download::{self, RemoteImage};
 use agent::repo::prune::Policy;
-use agent::repo::{Location, RepoEvent, RepoOptions, S3Url};
+use agent::repo::{Location, RepoError, RepoEvent, RepoOptions, S3Url};
 use anyhow::{Context, bail};
 
 use crate::render::bytes;
@@ -180,6 +180,11 @@ pub fn verify(url: &Path, options: &RepoOptions, json: bool) -> ExitCode {
         });
     match result {
         Ok(report) => crate::image_cmds::print_verify(url, &report, json),
+        // The repository manifest's seal did not open: damaged, not uncheckable.
+        Err(e) if matches!(e.downcast_ref(), Some(RepoError::Tampered { .. })) => {
+            eprintln!("hotbackup: {e:#}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("hotbackup: {e:#}");
             ExitCode::from(2)

@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use super::config::{S3Url, join};
 use super::format::{self, EncryptionKey, Hashing};
-use super::s3::Bucket;
+use super::s3::{Bucket, Sealed};
 use super::{
     REPO_MANIFEST, RepoError, RepoEvent, RepoManifest, RepoOptions, StoredObject, VERIFIED,
 };
@@ -29,6 +29,8 @@ pub struct RemoteImage {
     pub name: String,
     pub bucket: Bucket,
     pub manifest: RepoManifest,
+    /// The manifest as stored, with its MAC when the image is encrypted.
+    sealed: Sealed,
 }
 
 impl RemoteImage {
@@ -39,7 +41,7 @@ impl RemoteImage {
             )));
         };
         let bucket = Bucket::connect(&parent, options)?;
-        let Some(manifest) = bucket.manifest(&name)? else {
+        let Some((manifest, sealed)) = bucket.manifest_sealed(&name)? else {
             return Err(RepoError::Refused(format!(
                 "{url} is not a complete backup (it has no {REPO_MANIFEST}: nothing is there, or an upload was cut off); `hotbackup list {parent}` shows the backups"
             )));
@@ -49,6 +51,7 @@ impl RemoteImage {
             name,
             bucket,
             manifest,
+            sealed,
         })
     }
 
@@ -71,7 +74,19 @@ impl RemoteImage {
                 self.url
             )));
         }
-        Ok(Some(key))
+        // Nothing the manifest says is trusted before its seal opens.
+        let detail = match &self.sealed.mac {
+            None => "it carries no MAC, though the image is encrypted".to_string(),
+            Some(mac) if !key.opens(&self.name, &self.sealed.bytes, mac) => {
+                "its MAC does not match its contents under this key".to_string()
+            }
+            Some(_) => return Ok(Some(key)),
+        };
+        Err(RepoError::Tampered {
+            image: self.url.to_string(),
+            key: REPO_MANIFEST.to_string(),
+            detail,
+        })
     }
 
     /// Streams one object into `sink`, checking both checksums; the detail of a mismatch.

@@ -77,6 +77,26 @@ impl EncryptionKey {
         })
     }
 
+    /// The MAC of an encrypted image's repository manifest: keyed blake3 (under a key
+    /// derived from this one) of the image's name and the manifest's bytes as stored.
+    /// The objects authenticate themselves, but the manifest names their checksums,
+    /// sizes and the image's coordinates; unsealed, whoever can write to the bucket could
+    /// swap in another image's objects (same names, same key) with a manifest to match.
+    pub fn seal(&self, name: &str, manifest: &[u8]) -> String {
+        let key = blake3::derive_key("hotbackup 2026-11 repository manifest MAC", &self.key);
+        let mut h = blake3::Hasher::new_keyed(&key);
+        h.update(&(name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update(manifest);
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Whether `mac` is the seal of `name` and `manifest` (compared in constant time).
+    pub fn opens(&self, name: &str, manifest: &[u8], mac: &str) -> bool {
+        blake3::Hash::from_hex(mac)
+            .is_ok_and(|m| m == blake3::Hash::from_hex(self.seal(name, manifest)).unwrap())
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         XChaCha20Poly1305::new((&self.key).into())
     }

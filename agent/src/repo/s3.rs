@@ -28,6 +28,15 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// An object's user metadata (`x-amz-meta-NAME: VALUE`).
 pub type Metadata = Vec<(String, String)>;
 
+/// The user metadata that carries the repository manifest's MAC.
+pub const MAC_METADATA: &str = "hotbackup-mac";
+
+/// A repository manifest as stored: its bytes and, when sealed, their MAC.
+pub struct Sealed {
+    pub bytes: Bytes,
+    pub mac: Option<String>,
+}
+
 /// One bucket, reached from a blocking caller.
 pub struct Bucket {
     pub url: S3Url,
@@ -244,13 +253,29 @@ impl Bucket {
 
     /// Reads the repository manifest of the image `name` (None: a partial upload).
     pub fn manifest(&self, name: &str) -> Result<Option<RepoManifest>, RepoError> {
+        Ok(self.manifest_sealed(name)?.map(|(m, _)| m))
+    }
+
+    /// The repository manifest of `name` with its bytes as stored and the MAC an
+    /// encrypted upload sealed them with (see [`super::format::EncryptionKey::seal`]).
+    pub fn manifest_sealed(&self, name: &str) -> Result<Option<(RepoManifest, Sealed)>, RepoError> {
         let rel = join(name, REPO_MANIFEST);
-        let Some(bytes) = self.get_small(&rel)? else {
-            return Ok(None);
+        let result = self.runtime.block_on(async {
+            let r = self.store.get(&self.key(&rel)).await?;
+            let mac = r.attributes.iter().find_map(|(k, v)| match k {
+                Attribute::Metadata(k) if k == MAC_METADATA => Some(v.to_string()),
+                _ => None,
+            });
+            Ok::<_, object_store::Error>((r.bytes().await?, mac))
+        });
+        let (bytes, mac) = match result {
+            Ok(v) => v,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error("GET", e)),
         };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| RepoError::S3(format!("{}/{rel} is not readable: {e}", self.url)))
+        let manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| RepoError::S3(format!("{}/{rel} is not readable: {e}", self.url)))?;
+        Ok(Some((manifest, Sealed { bytes, mac })))
     }
 }
 

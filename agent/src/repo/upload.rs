@@ -176,7 +176,17 @@ pub fn upload(
     };
     (events.lock())(RepoEvent::Step("write the repository manifest"));
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| RepoError::S3(e.to_string()))?;
-    bucket.put_small(&join(&name, REPO_MANIFEST), text)?;
+    let rel = join(&name, REPO_MANIFEST);
+    match &encoding.key {
+        Some(key) => {
+            let mac = key.seal(&name, &text);
+            let mut w = bucket.writer(&rel, &[(super::s3::MAC_METADATA, mac)]);
+            w.write_all(&text)
+                .map_err(|e| RepoError::S3(format!("upload of {rel}: {e}")))?;
+            w.finish()?;
+        }
+        None => bucket.put_small(&rel, text)?,
+    }
     let _ = fs::remove_file(&journal_path);
     Ok(UploadSummary {
         url: url.to_string(),
