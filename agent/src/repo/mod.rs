@@ -53,6 +53,14 @@ pub enum RepoError {
     Image(#[from] crate::image::ImageError),
 }
 
+impl RepoError {
+    /// The bucket's server did not answer (network, endpoint down): worth trying again
+    /// later, unlike a missing bucket or refused credentials.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, RepoError::S3(s) if s.starts_with(s3::UNREACHABLE))
+    }
+}
+
 pub fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RepoError {
     let what = what.into();
     move |error| RepoError::Io { what, error }

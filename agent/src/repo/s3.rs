@@ -25,6 +25,9 @@ const PART: usize = 16 << 20;
 /// Parts in flight per object.
 const PARTS_IN_FLIGHT: usize = 2;
 
+/// How the sentence for a server that does not answer starts.
+pub const UNREACHABLE: &str = "cannot reach ";
+
 /// An object's user metadata (`x-amz-meta-NAME: VALUE`).
 pub type Metadata = Vec<(String, String)>;
 
@@ -118,7 +121,7 @@ impl Bucket {
             )
         } else if text.contains("error sending request") {
             format!(
-                "cannot reach {endpoint} ({what} in {url} failed after every retry); check --s3-endpoint or AWS_ENDPOINT_URL and the network, then run the command again: {text}"
+                "{UNREACHABLE}{endpoint} ({what} in {url} failed after every retry); check --s3-endpoint or AWS_ENDPOINT_URL and the network, then run the command again: {text}"
             )
         } else {
             format!("S3 {what} in {url} on {endpoint} failed: {text}")
@@ -432,6 +435,10 @@ impl Repository for S3Repo {
                     stored_bytes: m.stored_bytes(),
                     reason: None,
                 },
+                // A binlog archive (`binlog-archive --upload`) is no image.
+                None if crate::binlog_archive::remote::read(&self.bucket, &name)?.is_some() => {
+                    continue;
+                }
                 None => Listed {
                     name,
                     complete: false,
