@@ -194,6 +194,10 @@ fn the_bucket_follows_the_archive_through_failures_and_pitr_restores_from_it() {
     let moto = Moto::start();
     moto.allow_anonymous_reads();
     let proxy = CutProxy::start(&moto.endpoint, u64::MAX);
+    // The first manifest cannot be written: objects are there without one.
+    proxy.refuse(Some(&format!(
+        "PUT /{BUCKET}/{ARCHIVE}/hotbackup-binlogs.json"
+    )));
     let mut archiver = Archiver::start(
         &moto,
         &proxy.endpoint,
@@ -221,6 +225,14 @@ fn the_bucket_follows_the_archive_through_failures_and_pitr_restores_from_it() {
         .iter()
         .map(|r| r[0].clone())
         .collect();
+    let said = |what: &str| archiver.log().matches(what).count();
+    wait_for("the failure to be said", Duration::from_secs(30), || {
+        said("cannot upload to") == 1
+    });
+    let first_object = format!("{ARCHIVE}/{}.zst", complete[0]);
+    assert!(moto.get(&first_object).is_some());
+    assert_eq!(remote_manifest(&moto), None);
+    proxy.refuse(None);
     wait_for(
         "the bucket to name every complete file",
         Duration::from_secs(60),
@@ -230,6 +242,8 @@ fn the_bucket_follows_the_archive_through_failures_and_pitr_restores_from_it() {
 
     // A bucket that fails the next file's object: the local archive goes on, the bucket's
     // manifest names neither that file nor a later one, the failure is said once.
+    assert_eq!(said("cannot upload to"), 1, "{}", archiver.log());
+    assert_eq!(said("the queued files are uploaded"), 1, "{}", archiver.log());
     let next = logs[logs.len() - 1][0].clone();
     proxy.refuse(Some(&format!("{next}.zst")));
     write_rows(&source, 61, 70);
@@ -242,26 +256,17 @@ fn the_bucket_follows_the_archive_through_failures_and_pitr_restores_from_it() {
         || in_archive(&dir).len() == complete.len() + 2,
     );
     wait_for("the failure to be said", Duration::from_secs(30), || {
-        archiver.log().contains("cannot upload to")
+        said("cannot upload to") == 2
     });
     std::thread::sleep(Duration::from_secs(4)); // a few retries
     assert_eq!(in_bucket(&moto), complete, "{}", archiver.log());
     assert_bucket_consistent(&moto);
-    assert_eq!(
-        archiver.log().matches("cannot upload to").count(),
-        1,
-        "{}",
-        archiver.log()
-    );
+    assert_eq!(said("cannot upload to"), 2, "{}", archiver.log());
     proxy.refuse(None);
     wait_for("the bucket to catch up", Duration::from_secs(60), || {
         in_bucket(&moto) == in_archive(&dir)
     });
-    assert!(
-        archiver.log().contains("answers again"),
-        "{}",
-        archiver.log()
-    );
+    assert_eq!(said("the queued files are uploaded"), 2, "{}", archiver.log());
     assert_bucket_consistent(&moto);
 
     // An unreachable bucket while the archiver stops: it stops at once, says what is not
@@ -305,12 +310,14 @@ fn the_bucket_follows_the_archive_through_failures_and_pitr_restores_from_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("binlogs"));
+    assert!(!err.contains("incomplete"), "{err}");
     assert!(
         err.contains("not a backup: binlogs: binlog archive of server_id 1"),
         "{err}"
     );
     let out = moto.hotbackup(&["delete", &moto.url(ARCHIVE)]);
     assert!(!out.status.success());
+    assert_eq!(in_bucket(&moto), in_archive(&dir));
 
     // Point-in-time recovery from the bucket reaches exactly the source's state.
     let root = work.path().join("restored");

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::ArchiveEvent;
+use super::binlog::split_name;
 use super::manifest::{ArchiveManifest, ArchivedFile, MANIFEST};
 use super::remote::{self, REMOTE_FORMAT_VERSION, RemoteManifest};
 use crate::manifest::rfc3339;
@@ -131,17 +132,17 @@ impl Uploader {
         &self.url
     }
 
-    /// Before archiving starts: a bucket that answers must be usable for `local` (exists,
-    /// takes the credentials, holds nothing else under the name). Ok(Some(why)) when it
-    /// does not answer: archiving may start, the bucket catches up later.
+    /// Before archiving starts: the bucket must exist, take the credentials and hold
+    /// nothing else under the name. Ok(Some(why)) when it fails otherwise (does not
+    /// answer): archiving may start, the bucket catches up later.
     pub fn check(&mut self, local: &ArchiveManifest) -> Result<Option<String>, RepoError> {
         match self.connect(local) {
             Ok(()) => Ok(None),
-            Err(e) if e.is_unreachable() => {
+            Err(e @ (RepoError::Refused(_) | RepoError::BucketRefused(_))) => Err(e),
+            Err(e) => {
                 self.bucket = None;
                 Ok(Some(e.to_string()))
             }
-            Err(e) => Err(e),
         }
     }
 
@@ -154,12 +155,28 @@ impl Uploader {
         }
         let bucket = self.bucket.as_ref().expect("connected above");
         let found = remote::read(bucket, &self.name)?;
-        if found.is_none() && !bucket.list_all(&self.name)?.is_empty() {
-            return Err(RepoError::Refused(format!(
-                "{} holds objects but no binlog archive manifest ({}): it is something else; upload the binlogs to another name",
-                self.url,
-                remote::REMOTE_MANIFEST
-            )));
+        if found.is_none() {
+            // Objects of this archive's own files may be there (an upload cut off before
+            // the first manifest); anything else is not ours to mix with.
+            let base = format!("{}/", bucket.key(&self.name));
+            let ours = |key: &str| {
+                let rel = key.strip_prefix(&base).unwrap_or(key);
+                let name = rel.strip_suffix(".enc").unwrap_or(rel);
+                name.strip_suffix(".zst")
+                    .and_then(split_name)
+                    .is_some_and(|(b, _)| b == local.server.binlog_basename)
+            };
+            if let Some((other, _)) = bucket
+                .list_all(&self.name)?
+                .into_iter()
+                .find(|(k, _)| !ours(k.as_ref()))
+            {
+                return Err(RepoError::Refused(format!(
+                    "{} holds {other} but no binlog archive manifest ({}): it is something else; upload the binlogs to another name",
+                    self.url,
+                    remote::REMOTE_MANIFEST
+                )));
+            }
         }
         let m = found.unwrap_or_else(|| RemoteManifest {
             format_version: REMOTE_FORMAT_VERSION,

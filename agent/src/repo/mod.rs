@@ -38,6 +38,10 @@ pub enum RepoError {
     Refused(String),
     #[error("{0}")]
     S3(String),
+    /// The bucket is missing or the server refuses the credentials: no retry helps
+    /// until someone fixes it (unlike a server that does not answer, an S3 error).
+    #[error("{0}")]
+    BucketRefused(String),
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
     /// A stored object is not what the repository manifest says: nothing is placed.
@@ -51,14 +55,6 @@ pub enum RepoError {
     },
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
-}
-
-impl RepoError {
-    /// The bucket's server did not answer (network, endpoint down): worth trying again
-    /// later, unlike a missing bucket or refused credentials.
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, RepoError::S3(s) if s.starts_with(s3::UNREACHABLE))
-    }
 }
 
 pub fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RepoError {

@@ -25,9 +25,6 @@ const PART: usize = 16 << 20;
 /// Parts in flight per object.
 const PARTS_IN_FLIGHT: usize = 2;
 
-/// How the sentence for a server that does not answer starts.
-pub const UNREACHABLE: &str = "cannot reach ";
-
 /// An object's user metadata (`x-amz-meta-NAME: VALUE`).
 pub type Metadata = Vec<(String, String)>;
 
@@ -104,24 +101,26 @@ impl Bucket {
     pub fn error(&self, what: &str, e: object_store::Error) -> RepoError {
         let text = server_said(&e.to_string());
         let (url, endpoint) = (&self.url, &self.endpoint);
-        RepoError::S3(if text.contains("NoSuchBucket") {
-            format!(
+        if text.contains("NoSuchBucket") {
+            return RepoError::BucketRefused(format!(
                 "the bucket {} does not exist on {endpoint}; create it or fix the URL",
                 url.bucket
-            )
-        } else if matches!(
+            ));
+        }
+        if matches!(
             e,
             object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }
         ) || text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
         {
-            format!(
+            return RepoError::BucketRefused(format!(
                 "{endpoint} refused the credentials for {url} (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the credential file): {text}"
-            )
-        } else if text.contains("error sending request") {
+            ));
+        }
+        RepoError::S3(if text.contains("error sending request") {
             format!(
-                "{UNREACHABLE}{endpoint} ({what} in {url} failed after every retry); check --s3-endpoint or AWS_ENDPOINT_URL and the network, then run the command again: {text}"
+                "cannot reach {endpoint} ({what} in {url} failed after every retry); check --s3-endpoint or AWS_ENDPOINT_URL and the network, then run the command again: {text}"
             )
         } else {
             format!("S3 {what} in {url} on {endpoint} failed: {text}")
