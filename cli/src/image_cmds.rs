@@ -199,9 +199,13 @@ fn describe(i: &ImageInfo) -> String {
 }
 
 /// Exit codes of `restore`: 0 restored (or planned, with --dry-run), 1 refused or failed.
-pub fn restore(dir: &Path, options: &RestoreOptions) -> anyhow::Result<()> {
+pub fn restore(
+    dir: &Path,
+    options: &RestoreOptions,
+    repo: &agent::repo::RepoOptions,
+) -> anyhow::Result<()> {
     let bar = bar(false);
-    let result = agent::restore::run(dir, options, |e| match e {
+    let result = agent::restore::run(dir, options, repo, |e| match e {
         RestoreEvent::Step(s) => {
             bar.set_length(0);
             bar.set_position(0);

@@ -146,7 +146,8 @@ enum Command {
         repo: agent::repo::RepoOptions,
     },
     /// Upload a finished backup directory to s3://BUCKET/PREFIX/NAME (compressed,
-    /// optionally encrypted; resumes an interrupted upload).
+    /// optionally encrypted; resumes an interrupted upload), or the complete files of a
+    /// binlog archive directory that the bucket's copy lacks.
     Upload {
         /// The backup directory.
         dir: PathBuf,
@@ -192,6 +193,8 @@ enum Command {
         connection: ConnectionOptions,
         #[command(flatten)]
         options: agent::binlog_archive::ArchiveOptions,
+        #[command(flatten)]
+        repo: agent::repo::RepoOptions,
     },
     /// Print or install the systemd units that run the agent for a mountpoint and make
     /// the database server's unit require it.
@@ -424,7 +427,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Restore { dir, options, repo } if agent::repo::Location::is_s3(&dir) => {
             repo_cmds::restore(&dir, &options, &repo)
         }
-        Command::Restore { dir, options, .. } => image_cmds::restore(&dir, &options),
+        Command::Restore { dir, options, repo } => image_cmds::restore(&dir, &options, &repo),
         Command::Replica {
             dir,
             connection,
@@ -454,7 +457,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::BinlogArchive {
             connection,
             options,
-        } => binlog_archive(&connection, &options),
+            repo,
+        } => binlog_archive(&connection, &options, &repo),
         Command::Systemd {
             print,
             install: _,
@@ -479,15 +483,27 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
 fn binlog_archive(
     connection: &ConnectionOptions,
     options: &agent::binlog_archive::ArchiveOptions,
+    repo: &agent::repo::RepoOptions,
 ) -> anyhow::Result<()> {
     use agent::binlog_archive::{self as archive, ArchiveEvent};
     let conn = connection.resolve(prompt_password)?;
     let stop = archive::stop_on_signals()?;
-    let summary = archive::run(&conn, options, &stop, |e| match e {
+    let summary = archive::run(&conn, options, repo, &stop, |e| match e {
         ArchiveEvent::Note(n) | ArchiveEvent::Status(n) => eprintln!("hotbackup: {n}"),
         ArchiveEvent::Gap(g) => eprintln!("hotbackup: WARNING: {g}"),
     })?;
     println!("{summary}");
+    // `--once` promised the bucket the files it archived.
+    if let Some(u) = summary.upload.as_ref().filter(|_| options.once)
+        && (!u.queued.is_empty() || u.stopped.is_some())
+    {
+        bail!(
+            "the binlogs are archived in {}, but {} file(s) are not in {} yet; run the same command again once the bucket answers",
+            summary.dir.display(),
+            u.queued.len(),
+            u.url
+        );
+    }
     Ok(())
 }
 

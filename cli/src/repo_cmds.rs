@@ -42,6 +42,11 @@ fn events(json: bool) -> (indicatif::ProgressBar, impl FnMut(RepoEvent<'_>) + Se
 
 /// `upload DIR s3://bucket/prefix/name`.
 pub fn upload(dir: &Path, target: &Path, options: &RepoOptions) -> anyhow::Result<()> {
+    if dir.join(agent::binlog_archive::manifest::MANIFEST).exists() {
+        let state = agent::binlog_archive::upload::upload_archive(dir, target, options)?;
+        println!("uploaded the binlog archive {}: {state}", dir.display());
+        return Ok(());
+    }
     let url = s3(target)?;
     let (bar, sink) = events(false);
     let s = agent::repo::upload::upload(dir, &url, options, sink);
@@ -78,6 +83,12 @@ pub fn list(location: &Path, options: &RepoOptions, json: bool) -> anyhow::Resul
                 bytes(l.bytes),
                 bytes(l.stored_bytes)
             );
+        }
+    }
+    if let Location::S3(url) = Location::parse(location)? {
+        let bucket = agent::repo::s3::Bucket::connect(&url, options)?;
+        for line in agent::binlog_archive::remote::list(&bucket)? {
+            eprintln!("hotbackup: not a backup: {line}");
         }
     }
     if !partial.is_empty() {
@@ -286,13 +297,13 @@ pub fn restore(
             .zip(datadir_fs)
             .is_some_and(|(a, b)| a.dev() == b.dev())
     };
-    let options = agent::restore::RestoreOptions {
+    let restore_options = agent::restore::RestoreOptions {
         // Every object was checked as it arrived.
         no_verify: true,
         move_files: same_fs && !restore.dry_run,
         ..restore.clone()
     };
-    crate::image_cmds::restore(&dir, &options)
+    crate::image_cmds::restore(&dir, &restore_options, options)
 }
 
 /// `restore s3://… --dry-run`: the plan from the manifest and the side files alone
@@ -309,11 +320,11 @@ fn dry_run(
         "would download {} from the bucket first (into --staging-dir, or next to the datadir), checking every object",
         bytes(image.manifest.image.totals.bytes)
     );
-    let options = agent::restore::RestoreOptions {
+    let restore_options = agent::restore::RestoreOptions {
         no_verify: true,
         ..restore.clone()
     };
-    crate::image_cmds::restore(&dir, &options)
+    crate::image_cmds::restore(&dir, &restore_options, options)
 }
 
 /// `replica s3://…`: the manifest and the side files are all it reads.

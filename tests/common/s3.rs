@@ -119,6 +119,36 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Lets anyone read the bucket's objects, so that [`Moto::get`] may.
+    pub fn allow_anonymous_reads(&self) {
+        self.python(&format!(
+            "import json\ns3().put_bucket_policy(Bucket={BUCKET:?}, Policy=json.dumps({{'Version': '2012-10-17', \
+             'Statement': [{{'Effect': 'Allow', 'Principal': '*', 'Action': 's3:GetObject', 'Resource': 'arn:aws:s3:::{BUCKET}/*'}}]}}))"
+        ));
+    }
+
+    /// The object `key` of the bucket (None: not there), by a plain unsigned GET (after
+    /// [`Moto::allow_anonymous_reads`]): far quicker than starting Python, for polling.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use std::io::{Read, Write};
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut conn = TcpStream::connect(host).unwrap();
+        write!(
+            conn,
+            "GET /{BUCKET}/{key} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).unwrap();
+        let end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&answer[..end]);
+        match head.split_whitespace().nth(1) {
+            Some("200") => Some(answer[end + 4..].to_vec()),
+            Some("404") => None,
+            other => panic!("GET {key}: {other:?}: {head}"),
+        }
+    }
+
     /// Every key in the bucket under `prefix`.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         self.python(&format!(
@@ -137,6 +167,15 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     }
 
     pub fn hotbackup_with(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// `hotbackup ARGS` with this server's endpoint and credentials, to run as it needs.
+    pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(super::hotbackup_bin());
         cmd.args(args)
             .stdin(Stdio::null())
@@ -147,10 +186,7 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
             // No credential file of the machine's may stand in for a missing variable.
             .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
             .env("AWS_CONFIG_FILE", "/nonexistent");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        cmd.output().unwrap()
+        cmd
     }
 
     pub fn url(&self, rest: &str) -> String {
@@ -190,25 +226,31 @@ pub fn key_file(dir: &Path) -> std::path::PathBuf {
 
 /// A loopback TCP proxy to the server that cuts every connection once `cut_after`
 /// bytes went towards the server, and then refuses all new ones: the network going
-/// away in the middle of an upload.
+/// away in the middle of an upload. It can also be cut and mended at will
+/// ([`CutProxy::set_down`]), and cut only the connections whose requests name a key
+/// ([`CutProxy::refuse`]): a bucket that fails one object.
 pub struct CutProxy {
     pub endpoint: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     port: u16,
 }
 
 impl CutProxy {
     pub fn start(server_endpoint: &str, cut_after: u64) -> CutProxy {
-        use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+        use std::sync::{Arc, Mutex};
         let upstream = server_endpoint.trim_start_matches("http://").to_string();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let refused: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let (stop2, cut2, refused2) = (stop.clone(), cut.clone(), refused.clone());
         std::thread::spawn(move || {
+            let (cut, refused) = (cut2, refused2);
             for client in listener.incoming() {
                 if stop2.load(SeqCst) {
                     return;
@@ -220,7 +262,7 @@ impl CutProxy {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let (sent, cut) = (sent.clone(), cut.clone());
+                let (sent, cut, refused) = (sent.clone(), cut.clone(), refused.clone());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 // server → client: plain copy until either side closes.
                 std::thread::spawn(move || {
@@ -239,7 +281,11 @@ impl CutProxy {
                         if sent.fetch_add(n as u64, SeqCst) + n as u64 > cut_after {
                             cut.store(true, SeqCst);
                         }
-                        if cut.load(SeqCst) || (&server).write_all(&buf[..n]).is_err() {
+                        let refuse =
+                            refused.lock().unwrap().as_ref().is_some_and(|r| {
+                                buf[..n].windows(r.len()).any(|w| w == r.as_bytes())
+                            });
+                        if refuse || cut.load(SeqCst) || (&server).write_all(&buf[..n]).is_err() {
                             break;
                         }
                     }
@@ -251,8 +297,20 @@ impl CutProxy {
         CutProxy {
             endpoint: format!("http://127.0.0.1:{port}"),
             stop,
+            cut,
+            refused,
             port,
         }
+    }
+
+    /// Down: every connection is cut and new ones refused; up: all pass again.
+    pub fn set_down(&self, down: bool) {
+        self.cut.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Cuts every connection whose request holds `text` (a key), until called with None.
+    pub fn refuse(&self, text: Option<&str>) {
+        *self.refused.lock().unwrap() = text.map(str::to_string);
     }
 }
 

@@ -434,6 +434,7 @@ impl<F: FnMut(ArchiveEvent)> Archiver<'_, F> {
             files: m.files.len(),
             gaps: m.gaps.len(),
             current: durable.into_iter().max_by_key(|(name, _)| number(name)),
+            upload: None,
         })
     }
 }

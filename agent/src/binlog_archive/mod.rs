@@ -58,18 +58,21 @@ mod archiver;
 pub mod binlog;
 pub mod manifest;
 pub mod plan;
+pub mod remote;
 pub mod store;
 pub mod streamer;
+pub mod upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::db::flavor::Flavor;
 use crate::db::server::{self, Needed, ServerFacts};
 use crate::db::{Db, DbError, Sql, Target};
+use crate::repo::RepoOptions;
 use archiver::Archiver;
 use manifest::ServerIdentity;
 use store::Archive;
@@ -109,6 +112,16 @@ pub struct ArchiveOptions {
     /// The binlog client to run (default: mariadb-binlog, else mysqlbinlog, from PATH).
     #[arg(long, value_name = "PATH")]
     pub mariadb_binlog: Option<PathBuf>,
+    /// Also copy every complete file into a bucket, s3://BUCKET/PREFIX/NAME (compressed,
+    /// encrypted with --encrypt-key-file, as `upload` stores images). The local archive
+    /// stays the durable copy (fsynced within ~1 s); the bucket follows it file by file,
+    /// so it lags by the file being written (rotate sooner with a smaller
+    /// max_binlog_size). A slow or unreachable bucket never holds archiving up: files
+    /// queue locally and are uploaded when it answers (a restart uploads what it lacks;
+    /// so does `hotbackup upload DIR URL`).
+    #[arg(long, value_name = "URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +159,9 @@ pub struct ArchiveSummary {
     pub gaps: usize,
     /// The file being written and how many of its bytes are archived so far.
     pub current: Option<(String, u64)>,
+    /// With `--upload`: where the bucket stands at the end of the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<upload::UploadState>,
 }
 
 impl std::fmt::Display for ArchiveSummary {
@@ -168,6 +184,9 @@ impl std::fmt::Display for ArchiveSummary {
                 manifest::MANIFEST
             )?;
         }
+        if let Some(u) = &self.upload {
+            write!(f, "; {u}")?;
+        }
         Ok(())
     }
 }
@@ -184,16 +203,15 @@ pub fn stop_on_signals() -> std::io::Result<Arc<AtomicBool>> {
 }
 
 /// Runs the archiver until `stop` is set (or, with `--once`, until the server's
-/// current end is archived).
+/// current end is archived); with `--upload`, an uploader thread follows it.
 pub fn run(
     target: &Target,
     options: &ArchiveOptions,
+    repo: &RepoOptions,
     stop: &AtomicBool,
-    mut events: impl FnMut(ArchiveEvent),
+    mut events: impl FnMut(ArchiveEvent) + Send,
 ) -> Result<ArchiveSummary, ArchiveError> {
     let program = streamer::program(options.mariadb_binlog.as_deref())?;
-    let mut db = Db::connect(target)?;
-    let (facts, identity) = preflight(&mut db)?;
     let dir = if options.dir.is_absolute() {
         options.dir.clone()
     } else {
@@ -201,6 +219,15 @@ pub fn run(
             .map_err(|e| ArchiveError::Refused(format!("cannot resolve --dir: {e}")))?
             .join(&options.dir)
     };
+    let refused = |e: crate::repo::RepoError| ArchiveError::Refused(e.to_string());
+    let mut uploader = options
+        .upload
+        .as_deref()
+        .map(|url| upload::Uploader::new(url, &dir, repo))
+        .transpose()
+        .map_err(refused)?;
+    let mut db = Db::connect(target)?;
+    let (facts, identity) = preflight(&mut db)?;
     let server_id = options
         .archiver_server_id
         .unwrap_or_else(|| default_server_id(&dir, &identity));
@@ -210,18 +237,51 @@ pub fn run(
         )));
     }
     let archive = Archive::open(&dir, &identity)?;
-    let mut archiver = Archiver {
-        target,
-        program,
-        files_at_start: archive.manifest.files.len(),
-        archive,
-        caught_up_at: None,
-        events: &mut events,
-    };
-    if options.once {
-        archiver.once(&mut db, stop)
-    } else {
-        archiver.follow(db, server_id, options.status_interval, stop)
+    if let Some(u) = &mut uploader
+        && let Some(why) = u.check(&archive.manifest).map_err(refused)?
+    {
+        events(ArchiveEvent::Note(format!(
+            "{} does not answer now ({why}); archiving starts, and complete files are uploaded when it answers",
+            u.url()
+        )));
+    }
+    let events = parking_lot::Mutex::new(events);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // However the archiver ends (a panic included), the uploader makes its last pass.
+        let _done = SetOnDrop(&done);
+        let uploading = uploader.as_mut().map(|u| {
+            let (done, events) = (&done, &events);
+            scope.spawn(move || u.follow(stop, done, |e| (events.lock())(e)))
+        });
+        let mut forward = |e| (events.lock())(e);
+        let mut archiver = Archiver {
+            target,
+            program,
+            files_at_start: archive.manifest.files.len(),
+            archive,
+            caught_up_at: None,
+            events: &mut forward,
+        };
+        let result = if options.once {
+            archiver.once(&mut db, stop)
+        } else {
+            archiver.follow(db, server_id, options.status_interval, stop)
+        };
+        done.store(true, Ordering::Release);
+        let state = uploading.and_then(|h| h.join().ok());
+        result.map(|summary| ArchiveSummary {
+            upload: state,
+            ..summary
+        })
+    })
+}
+
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 

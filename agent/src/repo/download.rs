@@ -57,23 +57,14 @@ impl RemoteImage {
 
     /// The key an encrypted image needs, checked to be the one it was encrypted with.
     pub fn key(&self, options: &RepoOptions) -> Result<Option<EncryptionKey>, RepoError> {
-        let Some(id) = &self.manifest.key_id else {
+        let Some(key) = key_for(
+            &self.url.to_string(),
+            self.manifest.key_id.as_deref(),
+            options,
+        )?
+        else {
             return Ok(None);
         };
-        let Some(file) = &options.encrypt_key_file else {
-            return Err(RepoError::Refused(format!(
-                "{} is encrypted; give its key with --encrypt-key-file",
-                self.url
-            )));
-        };
-        let key = EncryptionKey::load(file)?;
-        if &key.id != id {
-            return Err(RepoError::Refused(format!(
-                "the key in {} is not the one {} was encrypted with (key id {id}); give the right --encrypt-key-file",
-                file.display(),
-                self.url
-            )));
-        }
         // Nothing the manifest says is trusted before its seal opens.
         let detail = match &self.sealed.mac {
             None => "it carries no MAC, though the image is encrypted".to_string(),
@@ -96,28 +87,13 @@ impl RemoteImage {
         key: Option<&EncryptionKey>,
         sink: impl Write,
     ) -> Result<Result<(), String>, RepoError> {
-        let mut stored = Hashing::new(self.bucket.reader(&join(&self.name, &object.key))?);
-        let decoded = format::decode(&mut stored, sink, key, &object.key);
-        if stored.len != object.stored_size || stored.hex() != object.stored_blake3 {
-            return Ok(Err(format!(
-                "{} stored bytes, blake3 {}; the repository manifest says {} bytes, blake3 {}",
-                stored.len,
-                &stored.hex()[..16],
-                object.stored_size,
-                &object.stored_blake3[..16.min(object.stored_blake3.len())]
-            )));
-        }
-        match decoded {
-            Err(e) if e.get_ref().is_some_and(|i| i.is::<RepoError>()) => {
-                Err(RepoError::S3(e.to_string()))
-            }
-            Err(e) => Ok(Err(format!("cannot be decoded: {e}"))),
-            Ok((len, hash)) if len != object.size || hash != object.blake3 => Ok(Err(format!(
-                "decodes to {len} bytes that differ from the image manifest's {} bytes",
-                object.size
-            ))),
-            Ok(_) => Ok(Ok(())),
-        }
+        fetch_checked(
+            &self.bucket,
+            &join(&self.name, &object.key),
+            object,
+            key,
+            sink,
+        )
     }
 
     fn tampered(&self, object: &StoredObject, detail: String) -> RepoError {
@@ -126,6 +102,64 @@ impl RemoteImage {
             key: object.key.clone(),
             detail,
         }
+    }
+}
+
+/// The key for what was encrypted with the key `key_id` (None: not encrypted), checked
+/// to be that key; `what` names it in the sentence.
+pub fn key_for(
+    what: &str,
+    key_id: Option<&str>,
+    options: &RepoOptions,
+) -> Result<Option<EncryptionKey>, RepoError> {
+    let Some(id) = key_id else {
+        return Ok(None);
+    };
+    let Some(file) = &options.encrypt_key_file else {
+        return Err(RepoError::Refused(format!(
+            "{what} is encrypted; give its key with --encrypt-key-file"
+        )));
+    };
+    let key = EncryptionKey::load(file)?;
+    if key.id != id {
+        return Err(RepoError::Refused(format!(
+            "the key in {} is not the one {what} was encrypted with (key id {id}); give the right --encrypt-key-file",
+            file.display(),
+        )));
+    }
+    Ok(Some(key))
+}
+
+/// Streams the object `rel` into `sink`, checking the stored bytes against `object`'s
+/// stored blake3 and the decoded ones against its blake3; the detail of a mismatch.
+pub(crate) fn fetch_checked(
+    bucket: &Bucket,
+    rel: &str,
+    object: &StoredObject,
+    key: Option<&EncryptionKey>,
+    sink: impl Write,
+) -> Result<Result<(), String>, RepoError> {
+    let mut stored = Hashing::new(bucket.reader(rel)?);
+    let decoded = format::decode(&mut stored, sink, key, &object.key);
+    if stored.len != object.stored_size || stored.hex() != object.stored_blake3 {
+        return Ok(Err(format!(
+            "{} stored bytes, blake3 {}; the repository manifest says {} bytes, blake3 {}",
+            stored.len,
+            &stored.hex()[..16],
+            object.stored_size,
+            &object.stored_blake3[..16.min(object.stored_blake3.len())]
+        )));
+    }
+    match decoded {
+        Err(e) if e.get_ref().is_some_and(|i| i.is::<RepoError>()) => {
+            Err(RepoError::S3(e.to_string()))
+        }
+        Err(e) => Ok(Err(format!("cannot be decoded: {e}"))),
+        Ok((len, hash)) if len != object.size || hash != object.blake3 => Ok(Err(format!(
+            "decodes to {len} bytes that differ from the manifest's {} bytes",
+            object.size
+        ))),
+        Ok(_) => Ok(Ok(())),
     }
 }
 

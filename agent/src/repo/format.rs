@@ -37,6 +37,14 @@ impl Encoding {
             "zstd"
         }
     }
+
+    /// The encoding and the key's id, as each object's metadata records them.
+    pub fn tag(&self) -> String {
+        match &self.key {
+            Some(k) => format!("{}:{}", self.name(), k.id),
+            None => self.name().to_string(),
+        }
+    }
 }
 
 /// A 32-byte key from `--encrypt-key-file`.

@@ -38,6 +38,10 @@ pub enum RepoError {
     Refused(String),
     #[error("{0}")]
     S3(String),
+    /// The bucket is missing or the server refuses the credentials: no retry helps
+    /// until someone fixes it (unlike a server that does not answer, an S3 error).
+    #[error("{0}")]
+    BucketRefused(String),
     #[error("{what}: {error}")]
     Io { what: String, error: std::io::Error },
     /// A stored object is not what the repository manifest says: nothing is placed.

@@ -110,22 +110,24 @@ impl Bucket {
     pub fn error(&self, what: &str, e: object_store::Error) -> RepoError {
         let text = server_said(&e.to_string());
         let (url, endpoint) = (&self.url, &self.endpoint);
-        RepoError::S3(if text.contains("NoSuchBucket") {
-            format!(
+        if text.contains("NoSuchBucket") {
+            return RepoError::BucketRefused(format!(
                 "the bucket {} does not exist on {endpoint}; create it or fix the URL",
                 url.bucket
-            )
-        } else if matches!(
+            ));
+        }
+        if matches!(
             e,
             object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }
         ) || text.contains("InvalidAccessKeyId")
             || text.contains("SignatureDoesNotMatch")
         {
-            format!(
+            return RepoError::BucketRefused(format!(
                 "{endpoint} refused the credentials for {url} (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the credential file): {text}"
-            )
-        } else if text.contains("error sending request") {
+            ));
+        }
+        RepoError::S3(if text.contains("error sending request") {
             format!(
                 "cannot reach {endpoint} ({what} in {url} failed after every retry); check --s3-endpoint or AWS_ENDPOINT_URL and the network, then run the command again: {text}"
             )
@@ -457,6 +459,10 @@ impl Repository for S3Repo {
                     stored_bytes: m.stored_bytes(),
                     reason: None,
                 },
+                // A binlog archive (`binlog-archive --upload`) is no image.
+                None if crate::binlog_archive::remote::read(&self.bucket, &name)?.is_some() => {
+                    continue;
+                }
                 None => Listed {
                     name,
                     complete: false,

@@ -75,10 +75,7 @@ pub fn upload(
             "{url} already holds a complete backup; upload under a new name, or `hotbackup delete {url}` first"
         )));
     }
-    let tag = match &encoding.key {
-        Some(k) => format!("{}:{}", encoding.name(), k.id),
-        None => encoding.name().to_string(),
-    };
+    let tag = encoding.tag();
     let jobs = objects(&image, encoding.key.is_some())?;
     let journal_path = dir.join(JOURNAL);
     let done_before = read_journal(&journal_path, &url.to_string(), &tag);
@@ -115,37 +112,14 @@ pub fn upload(
         let local = dir.join(&job.path);
         let file = File::open(&local)
             .map_err(super::io_error(format!("cannot read {}", local.display())))?;
-        let writer = bucket.writer(
-            &rel,
-            &[
-                ("hotbackup-blake3", job.blake3.clone()),
-                ("hotbackup-encoding", tag.clone()),
-            ],
-        );
         let threads = if job.size >= BIG { 2 } else { 0 };
-        let (sink, len, hash) =
-            format::encode(file, Hashing::new(writer), &encoding, threads, &job.key).map_err(
-                |e| match e.downcast::<RepoError>() {
-                    Ok(r) => r,
-                    Err(e) => RepoError::S3(format!(
-                        "uploading {} to {url} failed: {e}",
-                        job.path.display()
-                    )),
-                },
-            )?;
-        if len != job.size || hash != job.blake3 {
+        let Some(stored) = put_checked(&bucket, &rel, file, job, &encoding, &tag, threads)? else {
             return Err(RepoError::Refused(format!(
                 "{} changed since the backup was taken (its checksum differs from the manifest); nothing was listed as a backup, check the image with `hotbackup verify {}`",
                 local.display(),
                 dir.display()
             )));
-        }
-        let stored = StoredObject {
-            stored_size: sink.len,
-            stored_blake3: sink.hex(),
-            ..job.clone()
         };
-        sink.inner.finish()?;
         if let Some(f) = journal.lock().as_mut() {
             let line = JournalLine {
                 url: url.to_string(),
@@ -196,6 +170,43 @@ pub fn upload(
         stored_bytes: manifest.stored_bytes(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Stores `src` as the object `rel` (encoded, with the blake3 and the encoding `tag` as
+/// metadata), checking what was read against `job`'s size and blake3 before the object
+/// is made: None (and nothing stored) when they differ.
+pub(crate) fn put_checked(
+    bucket: &Bucket,
+    rel: &str,
+    src: impl std::io::Read,
+    job: &StoredObject,
+    encoding: &Encoding,
+    tag: &str,
+    threads: u32,
+) -> Result<Option<StoredObject>, RepoError> {
+    let writer = bucket.writer(
+        rel,
+        &[
+            ("hotbackup-blake3", job.blake3.clone()),
+            ("hotbackup-encoding", tag.to_string()),
+        ],
+    );
+    let (sink, len, hash) = format::encode(src, Hashing::new(writer), encoding, threads, &job.key)
+        .map_err(|e| match e.downcast::<RepoError>() {
+            Ok(r) => r,
+            Err(e) => RepoError::S3(format!("uploading {rel} to {} failed: {e}", bucket.url)),
+        })?;
+    if len != job.size || hash != job.blake3 {
+        // The unfinished writer is dropped: a multipart upload is aborted, a PUT never sent.
+        return Ok(None);
+    }
+    let stored = StoredObject {
+        stored_size: sink.len,
+        stored_blake3: sink.hex(),
+        ..job.clone()
+    };
+    sink.inner.finish()?;
+    Ok(Some(stored))
 }
 
 fn lower_priority_once() {

@@ -21,6 +21,7 @@ pub mod lineage;
 pub mod pitr;
 mod place;
 mod plan;
+pub mod remote_binlogs;
 mod temp_server;
 
 pub use plan::{Method, RestorePlan, plan};
@@ -60,9 +61,10 @@ pub struct RestoreOptions {
     /// Point-in-time recovery: replay the binlog up to and including this GTID.
     #[arg(long, value_name = "GTID", requires = "binlog_dir")]
     pub until_gtid: Option<String>,
-    /// Where the binlogs to replay are (an archive, or the old server's binlog
-    /// directory); repeatable.
-    #[arg(long, value_name = "DIR")]
+    /// Where the binlogs to replay are (an archive, the old server's binlog directory,
+    /// or an archive in a bucket, s3://BUCKET/PREFIX/NAME as `binlog-archive --upload`
+    /// was given); repeatable.
+    #[arg(long, value_name = "DIR|URL")]
     pub binlog_dir: Vec<PathBuf>,
     /// Keep the image's binlog file and GTID numbering. By default the restored server
     /// starts a new binlog history, so that replicas of the old server that were ahead
@@ -123,13 +125,36 @@ pub struct RestoreSummary {
     pub reached_gtid: Option<String>,
 }
 
-/// Plans and (unless `--dry-run`) executes a restore of `dir`.
+/// Plans and (unless `--dry-run`) executes a restore of `dir`; binlogs in a bucket are
+/// fetched first (`repo` says how to reach it).
 pub fn run(
     dir: &Path,
     options: &RestoreOptions,
+    repo: &crate::repo::RepoOptions,
     mut events: impl FnMut(RestoreEvent<'_>),
 ) -> Result<(RestorePlan, Option<RestoreSummary>), RestoreError> {
     let image = Image::open(dir)?;
+    if options
+        .binlog_dir
+        .iter()
+        .any(|d| crate::repo::Location::is_s3(d))
+    {
+        // The cheap refusals (a non-empty --datadir…) before any download.
+        plan(
+            &image,
+            &RestoreOptions {
+                until: None,
+                until_gtid: None,
+                binlog_dir: Vec::new(),
+                ..options.clone()
+            },
+        )?;
+    }
+    let fetched = remote_binlogs::fetch(&image, options, repo, &mut events)?;
+    let options = &RestoreOptions {
+        binlog_dir: fetched.dirs.clone(),
+        ..options.clone()
+    };
     let plan = plan(&image, options)?;
     if options.dry_run {
         return Ok((plan, None));

@@ -405,7 +405,7 @@ fn same_prefix(own: &Path, replay: &Path, pos: u64) -> std::io::Result<Option<St
     Ok(None)
 }
 
-fn split_binlog_name(name: &str) -> Option<(&str, u64)> {
+pub(super) fn split_binlog_name(name: &str) -> Option<(&str, u64)> {
     let (stem, n) = name.rsplit_once('.')?;
     if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
         return None;
