@@ -15,7 +15,7 @@ use std::sync::Barrier;
 
 use capture::session::SessionOptions;
 use engine::direct::Direct;
-use engine::{Rig, assert_image_is, tree, tree_without};
+use engine::{Rig, assert_image_is, empty_dir, tree, tree_without};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
@@ -254,23 +254,12 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
-fn reset(root: &Path) {
-    for e in fs::read_dir(root).unwrap() {
-        let p = e.unwrap().path();
-        if fs::symlink_metadata(&p).unwrap().is_dir() {
-            fs::remove_dir_all(&p).unwrap();
-        } else {
-            fs::remove_file(&p).unwrap();
-        }
-    }
-}
-
 fn run_case(rig: &Rig, case: &Case) -> Result<(), TestCaseError> {
     // A failed (panicked) case may have left its session behind.
     rig.fs
         .abort_capture(capture::session::AbortReason::Cancelled("next case".into()));
-    reset(&rig.mnt);
-    reset(&rig.image);
+    empty_dir(&rig.mnt);
+    empty_dir(&rig.image);
     for dir in ["d1", "d2", "d1/sub", "x/dd"] {
         fs::create_dir_all(rig.m(dir)).unwrap();
     }

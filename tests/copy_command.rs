@@ -69,6 +69,18 @@ fn copy_of_a_quiet_tree_is_exact_with_checksums_and_metadata() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("copied 5 files"), "{text}");
+    // Checked before this test reads the image: the image file has the access time its
+    // source had at the validity point (the copier's read gave it one), not the time the
+    // checksum pass read it.
+    let atime = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.atime(), m.atime_nsec())
+    };
+    assert_eq!(
+        atime(&target.join("data/db/t2.ibd")),
+        atime(&agent.backing.join("db/t2.ibd")),
+        "the image file's access time is not the source's"
+    );
     assert!(!target.join("INCOMPLETE").exists());
     // Whatever the agent's umask, what it creates outside the image is private.
     let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;

@@ -207,7 +207,12 @@ pub(crate) fn finish_image(
     Ok((entries, totals))
 }
 
-/// blake3 of every file (as it is in the image, which is final), fsyncing each.
+/// blake3 of every file (as it is in the image, which is final), fsyncing each. In two
+/// passes: the first checksums every file and starts its writeback, the second fsyncs
+/// them. One pass that fsyncs each file as it goes writes one small file at a time and
+/// commits the journal for each (at 100,000 files of 16 KiB on ext4 that took 250 of the
+/// copy's 316 s, machine loaded); by the second pass the data is on its way and most
+/// fsyncs find their journal transaction committed already.
 fn hash_and_sync(
     image: &Path,
     entries: &mut [ManifestEntry],
@@ -216,8 +221,37 @@ fn hash_and_sync(
     counters: &FinishCounters,
 ) -> io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
+    let names = |idx: usize| image.join(&entries[idx].path);
+    let hashes = each_file(files, parallel, counters, |idx| {
+        let file = open_unseen(&names(idx))?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(&file)?;
+        start_writeback(&file)?;
+        counters.bytes_done.fetch_add(entries[idx].size, Relaxed);
+        Ok(hasher.finalize().to_hex().to_string())
+    })?;
+    each_file(files, parallel, counters, |idx| {
+        open_unseen(&names(idx))?.sync_all()?;
+        counters.files_done.fetch_add(1, Relaxed);
+        Ok(())
+    })?;
+    for (idx, hash) in hashes {
+        entries[idx].blake3 = Some(hash);
+    }
+    Ok(())
+}
+
+/// Runs `work` on every entry of `files` on `parallel` background threads; stops at the
+/// first error or when the pass is cancelled.
+fn each_file<T: Send>(
+    files: &[usize],
+    parallel: usize,
+    counters: &FinishCounters,
+    work: impl Fn(usize) -> io::Result<T> + Sync,
+) -> io::Result<Vec<(usize, T)>> {
+    use std::sync::atomic::Ordering::Relaxed;
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<io::Result<Vec<(usize, String)>>> = std::thread::scope(|scope| {
+    let results: Vec<io::Result<Vec<(usize, T)>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..parallel)
             .map(|_| {
                 scope.spawn(|| {
@@ -230,14 +264,7 @@ fn hash_and_sync(
                         }
                         let i = next.fetch_add(1, Relaxed);
                         let Some(&idx) = files.get(i) else { break };
-                        let path = image.join(&entries[idx].path);
-                        let mut hasher = blake3::Hasher::new();
-                        let file = File::open(&path)?;
-                        hasher.update_reader(&file)?;
-                        file.sync_all()?;
-                        out.push((idx, hasher.finalize().to_hex().to_string()));
-                        counters.files_done.fetch_add(1, Relaxed);
-                        counters.bytes_done.fetch_add(entries[idx].size, Relaxed);
+                        out.push((idx, work(idx)?));
                     }
                     Ok(out)
                 })
@@ -251,12 +278,38 @@ fn hash_and_sync(
             })
             .collect()
     });
+    let mut all = Vec::with_capacity(files.len());
     for r in results {
-        for (idx, hash) in r? {
-            entries[idx].blake3 = Some(hash);
-        }
+        all.extend(r?);
     }
-    Ok(())
+    Ok(all)
+}
+
+/// Opens an image file for reading without updating its access time: the image keeps
+/// the source's times, and an atime update would dirty every inode again just before
+/// it is fsynced. (Only the file's owner or root may ask; others read it plainly.)
+fn open_unseen(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => File::open(path),
+        other => other,
+    }
+}
+
+/// Starts writing the file's dirty pages to disk without waiting for them.
+fn start_writeback(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open fd; no memory is passed.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 pub(crate) fn write_manifest(target: &Path, manifest: &Manifest) -> io::Result<()> {

@@ -186,6 +186,18 @@ impl Drop for Rig {
     }
 }
 
+/// Removes everything below `root`, keeping `root`.
+pub fn empty_dir(root: &Path) {
+    for e in fs::read_dir(root).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+}
+
 /// Every entry below `root` with its kind, size, mode, link target and content digest.
 pub fn tree(root: &Path) -> BTreeMap<PathBuf, String> {
     tree_without(root, None)

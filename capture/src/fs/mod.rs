@@ -256,22 +256,20 @@ impl PassthroughFs {
             self.hooks.clone(),
             self.stats.latency.clone(),
         )?);
+        // Namespace operations find the whole tree unwalked until the walk brings it
+        // into the image.
+        session.begin_walk();
         let ns = session.namespace();
-        // From here on every operation sees the session; namespace operations wait for
-        // the skeleton to be built.
+        // From here on every operation sees the session.
         self.gate.switch(Some(session.clone()));
-        let built = session.adopt(Path::new(""), false);
         drop(ns);
-        if let Err(reason) = built {
-            session.abort(reason.clone());
-            self.gate.switch(None);
-            return Err(CaptureError::Aborted(reason));
-        }
-        // A second barrier: writes that looked for their file before it was registered
-        // (and so took no range lock) are done before the copier reads anything.
-        self.gate.switch(Some(session.clone()));
         *ctl = Some(self.stats.latency.totals());
         session.start_copier();
+        if let Err(reason) = session.walk() {
+            session.abort(reason.clone());
+            self.end_session(&session, &mut ctl);
+            return Err(CaptureError::Aborted(reason));
+        }
         Ok(session)
     }
 

@@ -2,10 +2,11 @@
 //! directory while each write that lands on an already-copied range is mirrored into the
 //! image, so that at the stop the image is the tree at one instant (DESIGN §3).
 //!
-//! The image keeps the source's namespace at all times: at start, under the namespace
-//! lock, every source entry gets its image entry (empty files, directories, symlinks, hard
-//! links); from then on every namespace operation is applied to both trees at the same
-//! relative path. Renames of pending files and of directories with pending work below them
+//! The image keeps the source's namespace at all times: at start, a walk gives every
+//! source entry its image entry (empty files, directories, symlinks, hard links), a batch
+//! at a time under the namespace lock (`walk.rs` says why a tree half walked stays
+//! exact); every namespace operation on walked entries is applied to both trees at the
+//! same relative path. Renames of pending files and of directories with pending work below them
 //! therefore need nothing special. File contents arrive by the copier (chunks under byte-
 //! range locks) or by mirrored writes (on copied ranges), never both for one byte.
 //!
@@ -20,12 +21,14 @@
 //! reverse (a thread may skip any of them):
 //!
 //! 1. `ns` (the namespace lock; held by namespace operations, the copier's name lookup,
-//!    registration of late work, and the stop);
+//!    registration of late work, each batch of the session-start walk, and the stop);
 //! 2. a file's byte-range lock (`FileCapture::lock`);
 //! 3. `paths` (image names of tracked files);
 //! 4. `files` (the capture state map; only ever held for a lookup or an insert);
 //! 5. a file's `dest` slot, then its `copied` set;
-//! 6. `queue` (the copier work queue).
+//! 6. `queue` (the copier work queue);
+//! 7. `unwalked` (what the session-start walk has left; only ever held for a lookup or
+//!    an update).
 //!
 //! `registering` is apart: an operation on a file the session does not track holds it
 //! (shared) for the whole operation and takes nothing else; registration of a file in the
@@ -39,8 +42,9 @@ mod pacing;
 mod skeleton;
 mod transfer;
 mod validity;
+mod walk;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -335,6 +339,9 @@ pub struct CaptureSession {
     /// and the registration of files in the middle of a session.
     registering: RwLock<()>,
     queue: Mutex<WorkQueue>,
+    /// What the session-start walk has yet to bring into the image (see `walk.rs`);
+    /// changed only under the namespace lock.
+    unwalked: Mutex<BTreeSet<PathBuf>>,
     /// Copiers wait here for work.
     work_ready: Condvar,
     /// `wait_copied` waits here for the queue to drain (or the session to end).
@@ -394,6 +401,7 @@ impl CaptureSession {
             paths: RwLock::new(HashMap::new()),
             registering: RwLock::new(()),
             queue: Mutex::new(WorkQueue::default()),
+            unwalked: Mutex::new(BTreeSet::new()),
             work_ready: Condvar::new(),
             idle: Condvar::new(),
             copiers: Mutex::new(Vec::new()),

@@ -33,7 +33,7 @@ impl CaptureSession {
     }
 
     pub(super) fn created_inner(&self, rel: &Path, st: &libc::stat) {
-        if !self.live() || self.excluded(rel) {
+        if !self.live() || self.outside(rel) {
             return;
         }
         let r = match st.st_mode & libc::S_IFMT {
@@ -74,7 +74,7 @@ impl CaptureSession {
     }
 
     fn linked_inner(&self, key: InodeKey, new_rel: &Path) {
-        if !self.live() || self.excluded(new_rel) {
+        if !self.live() || self.outside(new_rel) {
             return;
         }
         let mut paths = self.paths.write();
@@ -104,10 +104,13 @@ impl CaptureSession {
     }
 
     fn removed_inner(&self, rel: &Path, key: Option<InodeKey>, is_dir: bool) {
-        if !self.live() || self.excluded(rel) {
+        if !self.live() || self.outside(rel) {
             return;
         }
         let mut paths = self.paths.write();
+        if is_dir {
+            self.walk_forget(rel);
+        }
         let r = if is_dir {
             std::fs::remove_dir(self.image(rel))
         } else {
@@ -154,14 +157,15 @@ impl CaptureSession {
         if !self.live() {
             return;
         }
-        let (from_out, to_out) = (self.excluded(from), self.excluded(to));
+        let (from_out, to_out) = (self.outside(from), self.outside(to));
         if from_out && to_out {
             return;
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if from_out || to_out {
-            // Moving across the exclusion boundary: the image follows by removing or
-            // adopting the subtree (both sides for an exchange).
+            // Moving across the exclusion boundary (or between walked and unwalked
+            // places): the image follows by removing or adopting the subtree (both sides
+            // for an exchange).
             // `inside` is the side that is in the image: what it named before (the
             // renamed entry, or the one replaced or exchanged) leaves the image, and what
             // it names now (moved in, or exchanged in) enters it.
@@ -196,6 +200,7 @@ impl CaptureSession {
         if !exchange && let Some(victim) = replaced {
             self.drop_name(&mut paths, victim, to);
         }
+        self.walk_renamed(from, to, exchange);
         for names in paths.values_mut() {
             for p in names.iter_mut() {
                 if let Some(moved) = rebase(p, from, to) {
@@ -210,6 +215,7 @@ impl CaptureSession {
     /// The subtree at `rel` left the image (moved into an excluded place, or replaced).
     fn forget_subtree(&self, rel: &Path) {
         let mut paths = self.paths.write();
+        self.walk_forget(rel);
         let image = self.image(rel);
         let removed = match std::fs::symlink_metadata(&image) {
             Ok(m) if m.is_dir() => std::fs::remove_dir_all(&image),

@@ -1,6 +1,6 @@
-//! Building the image skeleton: image entries for a source subtree (the whole tree at
-//! session start, or a subtree that appears in the middle of one), and registration of
-//! its regular files as copy work.
+//! Building the image skeleton: image entries for source entries (those the
+//! session-start walk brings in, or a subtree that appears in the middle of a session),
+//! and registration of regular files as copy work.
 
 use std::ffi::CString;
 use std::io;
@@ -37,69 +37,91 @@ fn is_hot(rel: &Path) -> bool {
 }
 
 impl CaptureSession {
-    /// Creates image entries for the source subtree at `rel` (the whole tree for ""),
-    /// registering its regular files as pending copy work. Call under the namespace lock.
-    /// `mid_session` is false only for the initial walk, which the gate's own barrier
-    /// covers.
-    pub(crate) fn adopt(&self, rel: &Path, mid_session: bool) -> Result<(), AbortReason> {
+    /// Creates image entries for the source subtree at `rel` (a directory that appeared
+    /// in the image in the middle of the session), registering its regular files as
+    /// pending copy work. Call under the namespace lock.
+    pub(super) fn adopt(&self, rel: &Path) -> Result<(), AbortReason> {
         let mut pending = Vec::new();
         let mut stack = vec![rel.to_path_buf()];
         while let Some(dir_rel) = stack.pop() {
-            let entries = std::fs::read_dir(self.source(&dir_rel)).map_err(|e| {
-                AbortReason::source(format!("listing {}", self.source(&dir_rel).display()), e)
-            })?;
-            for entry in entries {
-                let entry = entry.map_err(|e| AbortReason::source("reading a directory", e))?;
-                let child = dir_rel.join(entry.file_name());
-                if self.excluded(&child) {
-                    continue;
-                }
-                let st = match sys_lstat(&self.source(&child)) {
-                    Ok(st) => st,
-                    Err(Errno::ENOENT) => continue,
-                    Err(e) => {
-                        return Err(AbortReason::source(format!("stat {}", child.display()), e));
-                    }
-                };
-                match st.st_mode & libc::S_IFMT {
-                    libc::S_IFDIR => {
-                        mkdir(&self.image(&child))?;
-                        stack.push(child);
-                    }
-                    libc::S_IFREG => {
-                        if let Some(p) = self.register_file(&child, &st)? {
-                            pending.push(p);
-                        }
-                    }
-                    libc::S_IFLNK => {
-                        let target = std::fs::read_link(self.source(&child)).map_err(|e| {
-                            AbortReason::source(format!("readlink {}", child.display()), e)
-                        })?;
-                        std::os::unix::fs::symlink(&target, self.image(&child)).map_err(|e| {
-                            AbortReason::target(format!("symlink {}", child.display()), e)
-                        })?;
-                    }
-                    // Sockets, fifos and devices are not data.
-                    _ => {}
+            for child in self.list_source_dir(&dir_rel)? {
+                if self.adopt_child(&child, &mut pending)? {
+                    stack.push(child);
                 }
             }
         }
-        if mid_session {
-            self.registration_barrier();
-        }
+        self.registration_barrier();
         self.enqueue(pending);
         Ok(())
+    }
+
+    /// The names in the source directory `dir_rel` that are not excluded, as paths
+    /// relative to the root.
+    pub(super) fn list_source_dir(&self, dir_rel: &Path) -> Result<Vec<PathBuf>, AbortReason> {
+        let listing =
+            |e| AbortReason::source(format!("listing {}", self.source(dir_rel).display()), e);
+        let mut children = Vec::new();
+        for entry in std::fs::read_dir(self.source(dir_rel)).map_err(listing)? {
+            let entry = entry.map_err(listing)?;
+            let child = dir_rel.join(entry.file_name());
+            if !self.excluded(&child) {
+                children.push(child);
+            }
+        }
+        Ok(children)
+    }
+
+    /// Gives the source entry at `child` its image entry (a regular file's copy work goes
+    /// to `pending`). True for a directory, whose entries are still to be adopted; an
+    /// entry that is gone by now is left out.
+    pub(super) fn adopt_child(
+        &self,
+        child: &Path,
+        pending: &mut Vec<Pending>,
+    ) -> Result<bool, AbortReason> {
+        let st = match sys_lstat(&self.source(child)) {
+            Ok(st) => st,
+            // (ENOTDIR: a directory on the way was replaced by a file.)
+            Err(Errno::ENOENT | Errno::ENOTDIR) => return Ok(false),
+            Err(e) => {
+                return Err(AbortReason::source(format!("stat {}", child.display()), e));
+            }
+        };
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                mkdir(&self.image(child))?;
+                return Ok(true);
+            }
+            libc::S_IFREG => {
+                if let Some(p) = self.register_file(child, &st)? {
+                    pending.push(p);
+                }
+            }
+            libc::S_IFLNK => {
+                let target = std::fs::read_link(self.source(child))
+                    .map_err(|e| AbortReason::source(format!("readlink {}", child.display()), e))?;
+                std::os::unix::fs::symlink(&target, self.image(child))
+                    .map_err(|e| AbortReason::target(format!("symlink {}", child.display()), e))?;
+            }
+            // Sockets, fifos and devices are not data.
+            _ => {}
+        }
+        Ok(false)
     }
 
     /// The entry at `rel` became part of the image in the middle of the session (moved
     /// in from an excluded place, or a new hard link to a file the session did not track).
     pub(super) fn adopt_entry(&self, rel: &Path) -> Result<(), AbortReason> {
+        // While the session-start walk runs, it brings the entry in with the rest.
+        if self.walk_defer(rel) {
+            return Ok(());
+        }
         let st = sys_lstat(&self.source(rel))
             .map_err(|e| AbortReason::source(format!("stat {}", rel.display()), e))?;
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 mkdir(&self.image(rel))?;
-                self.adopt(rel, true)
+                self.adopt(rel)
             }
             libc::S_IFREG => {
                 let pending = self.register_file(rel, &st)?;
@@ -117,7 +139,11 @@ impl CaptureSession {
     /// Gives the regular file `st` at `rel` its image entry: a hard link to its image file
     /// when the session already tracks it under another name, otherwise an empty image
     /// file and copy work (returned, for the caller to queue after any barrier).
-    fn register_file(&self, rel: &Path, st: &libc::stat) -> Result<Option<Pending>, AbortReason> {
+    pub(super) fn register_file(
+        &self,
+        rel: &Path,
+        st: &libc::stat,
+    ) -> Result<Option<Pending>, AbortReason> {
         let key = InodeKey::of(st);
         let existing = self.files.read().get(&key).cloned();
         // A file with no name left whose copy is stale: it is copied again from scratch.
@@ -161,13 +187,13 @@ impl CaptureSession {
 
     /// Waits until every operation that found a file untracked (and so took no range
     /// lock) has finished: after this, the copier may read what they wrote.
-    fn registration_barrier(&self) {
+    pub(super) fn registration_barrier(&self) {
         drop(self.registering.write());
     }
 
     /// Queues copy work (large, cold files first; hot logs last). Work that arrives after
     /// the copy phase ended sends the session back to copying.
-    fn enqueue(&self, mut pending: Vec<Pending>) {
+    pub(super) fn enqueue(&self, mut pending: Vec<Pending>) {
         if pending.is_empty() {
             return;
         }
