@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use capture::session::ValidityPoint;
 use serde::{Deserialize, Serialize};
 
+use crate::digest::{self, Algorithm};
 use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Totals};
 
 /// Why a target cannot take a backup.
@@ -207,7 +208,8 @@ pub(crate) fn finish_image(
     Ok((entries, totals))
 }
 
-/// blake3 of every file (as it is in the image, which is final), fsyncing each.
+/// The content digest of every file (as it is in the image, which is final), fsyncing
+/// each.
 fn hash_and_sync(
     image: &Path,
     entries: &mut [ManifestEntry],
@@ -231,13 +233,14 @@ fn hash_and_sync(
                         let i = next.fetch_add(1, Relaxed);
                         let Some(&idx) = files.get(i) else { break };
                         let path = image.join(&entries[idx].path);
-                        let mut hasher = blake3::Hasher::new();
                         let file = File::open(&path)?;
-                        hasher.update_reader(&file)?;
+                        // Hole-aware: a sparse file costs what its data costs.
+                        let digest = digest::of_file(&file, Algorithm::B3z1, |n| {
+                            counters.bytes_done.fetch_add(n, Relaxed);
+                        })?;
                         file.sync_all()?;
-                        out.push((idx, hasher.finalize().to_hex().to_string()));
+                        out.push((idx, digest));
                         counters.files_done.fetch_add(1, Relaxed);
-                        counters.bytes_done.fetch_add(entries[idx].size, Relaxed);
                     }
                     Ok(out)
                 })

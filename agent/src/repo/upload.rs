@@ -20,6 +20,7 @@ use super::{
     EntryAttributes, REPO_FORMAT_VERSION, REPO_MANIFEST, RepoError, RepoEvent, RepoManifest,
     RepoOptions, StoredObject, object_key,
 };
+use crate::digest::Algorithm;
 use crate::image::Image;
 use crate::manifest::{self, EntryKind};
 
@@ -123,16 +124,22 @@ pub fn upload(
             ],
         );
         let threads = if job.size >= BIG { 2 } else { 0 };
-        let (sink, len, hash) =
-            format::encode(file, Hashing::new(writer), &encoding, threads, &job.key).map_err(
-                |e| match e.downcast::<RepoError>() {
-                    Ok(r) => r,
-                    Err(e) => RepoError::S3(format!(
-                        "uploading {} to {url} failed: {e}",
-                        job.path.display()
-                    )),
-                },
-            )?;
+        let digest = Algorithm::of(&job.blake3);
+        let (sink, len, hash) = format::encode(
+            file,
+            Hashing::new(writer),
+            &encoding,
+            threads,
+            digest,
+            &job.key,
+        )
+        .map_err(|e| match e.downcast::<RepoError>() {
+            Ok(r) => r,
+            Err(e) => RepoError::S3(format!(
+                "uploading {} to {url} failed: {e}",
+                job.path.display()
+            )),
+        })?;
         if len != job.size || hash != job.blake3 {
             return Err(RepoError::Refused(format!(
                 "{} changed since the backup was taken (its checksum differs from the manifest); nothing was listed as a backup, check the image with `hotbackup verify {}`",
