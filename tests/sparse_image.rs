@@ -83,6 +83,16 @@ fn a_sparse_file_is_copied_verified_and_restored_with_its_holes() {
     );
     let verify = || hotbackup(&["verify", target.to_str().unwrap()]);
     ok(&verify(), "verify");
+    // `hotbackup digest` prints what the manifest records.
+    let printed = ok(
+        &hotbackup(&["digest", image_file.to_str().unwrap()]),
+        "digest",
+    );
+    assert_eq!(
+        printed.split_whitespace().next(),
+        Some(recorded),
+        "{printed}"
+    );
 
     // Restored: as sparse as the image, and the same content.
     let restored = agent.dir.path().join("restored");

@@ -23,7 +23,7 @@ pub const B3Z1_PREFIX: &str = "b3z1:";
 const CONTEXT: &str = "hotbackup 2026-11 b3z1 content digest, 1 MiB blocks";
 
 /// How a manifest digest was made.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Algorithm {
     /// blake3 of the whole content, hex (format version 1 manifests).
     Blake3,
@@ -55,25 +55,25 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
+/// How much is read and hashed at a time: small enough that what was read is still
+/// in the CPU's cache when it is hashed (1 MiB reads, hashed afterwards, measured
+/// 1.5x slower than the old whole-file blake3 with its 64 KiB reads).
+const PIECE: usize = 64 << 10;
+static ZEROS: [u8; PIECE] = [0; PIECE];
+
 /// Computes a digest from content written to it in any pieces.
 pub struct ContentHasher(State);
 
 enum State {
     Blake3(Box<blake3::Hasher>),
-    B3z1 {
-        blocks: Box<BlockDigest>,
-        pending: Vec<u8>,
-    },
+    B3z1(Box<BlockDigest>),
 }
 
 impl ContentHasher {
     pub fn new(algorithm: Algorithm) -> ContentHasher {
         ContentHasher(match algorithm {
             Algorithm::Blake3 => State::Blake3(Box::default()),
-            Algorithm::B3z1 => State::B3z1 {
-                blocks: Box::new(BlockDigest::new()),
-                pending: Vec::new(),
-            },
+            Algorithm::B3z1 => State::B3z1(Box::new(BlockDigest::new())),
         })
     }
 
@@ -81,43 +81,20 @@ impl ContentHasher {
     pub fn finalize(&self) -> String {
         match &self.0 {
             State::Blake3(h) => h.finalize().to_hex().to_string(),
-            State::B3z1 { blocks, pending } => {
-                let mut blocks = (**blocks).clone();
-                if !pending.is_empty() {
-                    blocks.block(pending);
-                }
-                blocks.finish()
-            }
+            State::B3z1(blocks) => (**blocks).clone().finish(),
         }
     }
 }
 
 impl Write for ContentHasher {
-    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
-        let n = buf.len();
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match &mut self.0 {
             State::Blake3(h) => {
                 h.update(buf);
             }
-            State::B3z1 { blocks, pending } => {
-                if !pending.is_empty() {
-                    let take = (BLOCK - pending.len()).min(buf.len());
-                    pending.extend_from_slice(&buf[..take]);
-                    buf = &buf[take..];
-                    if pending.len() == BLOCK {
-                        blocks.block(pending);
-                        pending.clear();
-                    }
-                }
-                // Whole blocks straight from the caller's buffer, without copying.
-                let mut whole = buf.chunks_exact(BLOCK);
-                for b in &mut whole {
-                    blocks.block(b);
-                }
-                pending.extend_from_slice(whole.remainder());
-            }
+            State::B3z1(blocks) => blocks.feed(buf),
         }
-        Ok(n)
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -125,13 +102,18 @@ impl Write for ContentHasher {
     }
 }
 
-/// The `b3z1` records so far; fed whole blocks (only the last one may be short).
+/// The `b3z1` records so far, and the block being fed.
 #[derive(Clone)]
 struct BlockDigest {
     outer: blake3::Hasher,
     /// All-zero blocks not yet recorded: a run is recorded once, when it ends.
     zeros: u64,
     len: u64,
+    /// The current block: its blake3 (fed once it holds a non-zero byte), its bytes so
+    /// far, and whether all of them are zero (then none was hashed yet).
+    block: blake3::Hasher,
+    filled: usize,
+    all_zero: bool,
 }
 
 impl BlockDigest {
@@ -140,23 +122,57 @@ impl BlockDigest {
             outer: blake3::Hasher::new_derive_key(CONTEXT),
             zeros: 0,
             len: 0,
+            block: blake3::Hasher::new(),
+            filled: 0,
+            all_zero: true,
         }
     }
 
+    /// Whole zero blocks known without reading them (only between blocks).
     fn zero_blocks(&mut self, count: u64, bytes: u64) {
+        debug_assert_eq!(self.filled, 0, "zero blocks inside a block");
         self.zeros += count;
         self.len += bytes;
     }
 
-    fn block(&mut self, block: &[u8]) {
-        if is_zero(block) {
-            self.zero_blocks(1, block.len() as u64);
-            return;
+    /// Content, in pieces of any size.
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = (BLOCK - self.filled).min(bytes.len());
+            let (piece, rest) = bytes.split_at(n);
+            if self.all_zero && !is_zero(piece) {
+                // The block's zero prefix is hashed only now that it is needed.
+                self.all_zero = false;
+                let mut left = self.filled;
+                while left > 0 {
+                    let k = left.min(PIECE);
+                    self.block.update(&ZEROS[..k]);
+                    left -= k;
+                }
+            }
+            if !self.all_zero {
+                self.block.update(piece);
+            }
+            self.filled += n;
+            self.len += n as u64;
+            if self.filled == BLOCK {
+                self.end_block();
+            }
+            bytes = rest;
         }
-        self.end_zero_run();
-        self.outer.update(b"D");
-        self.outer.update(blake3::hash(block).as_bytes());
-        self.len += block.len() as u64;
+    }
+
+    fn end_block(&mut self) {
+        if self.all_zero {
+            self.zeros += 1;
+        } else {
+            self.end_zero_run();
+            self.outer.update(b"D");
+            self.outer.update(self.block.finalize().as_bytes());
+        }
+        self.block.reset();
+        self.filled = 0;
+        self.all_zero = true;
     }
 
     fn end_zero_run(&mut self) {
@@ -168,6 +184,9 @@ impl BlockDigest {
     }
 
     fn finish(mut self) -> String {
+        if self.filled > 0 {
+            self.end_block();
+        }
         self.end_zero_run();
         self.outer.update(b"L");
         self.outer.update(&self.len.to_le_bytes());
@@ -189,16 +208,13 @@ fn digest_file(
     mut progress: impl FnMut(u64),
 ) -> io::Result<(String, u64)> {
     let len = file.metadata()?.len();
-    let mut buf = vec![0u8; BLOCK];
+    let mut buf = vec![0u8; PIECE];
     if algorithm == Algorithm::Blake3 {
         let mut hasher = blake3::Hasher::new();
-        let mut at = 0;
-        while at < len {
-            let n = read_block(file, &mut buf, at, len)?;
-            hasher.update(&buf[..n]);
-            progress(n as u64);
-            at += n as u64;
-        }
+        read_range(file, &mut buf, 0, len, |p| {
+            hasher.update(p);
+            progress(p.len() as u64);
+        })?;
         return Ok((hasher.finalize().to_hex().to_string(), len));
     }
     let block = BLOCK as u64;
@@ -219,31 +235,42 @@ fn digest_file(
         if first > i {
             digest.zero_blocks(first - i, (first - i) * block);
             progress((first - i) * block);
-            i = first;
         }
         // Blocks the data touches are read (the hole parts of them read as zeros).
-        while i < end.div_ceil(block).min(blocks) {
-            let n = read_block(file, &mut buf, i * block, len)?;
-            digest.block(&buf[..n]);
-            progress(n as u64);
-            read += n as u64;
-            i += 1;
-        }
+        let from = first * block;
+        let to = (end.div_ceil(block) * block).min(len);
+        read_range(file, &mut buf, from, to, |p| {
+            digest.feed(p);
+            progress(p.len() as u64);
+        })?;
+        read += to - from;
+        i = to.div_ceil(block);
     }
     Ok((digest.finish(), read))
 }
 
-/// Reads the block at `at` (a whole block, or up to `len`); its length.
-fn read_block(file: &File, buf: &mut [u8], at: u64, len: u64) -> io::Result<usize> {
-    let n = (len - at).min(buf.len() as u64) as usize;
-    file.read_exact_at(&mut buf[..n], at).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            io::Error::new(e.kind(), "the file shrank while it was read")
-        } else {
-            e
-        }
-    })?;
-    Ok(n)
+/// Reads `[from, to)` in pieces of `buf`'s size, handing each to `each`.
+fn read_range(
+    file: &File,
+    buf: &mut [u8],
+    from: u64,
+    to: u64,
+    mut each: impl FnMut(&[u8]),
+) -> io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                io::Error::new(e.kind(), "the file shrank while it was read")
+            } else {
+                e
+            }
+        })?;
+        each(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// The next range `[start, end)` at or after `at` that may hold data, or None when only a
@@ -283,170 +310,4 @@ pub fn of_bytes(algorithm: Algorithm, bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MIB: usize = 1 << 20;
-
-    /// Content of `len` bytes: zeros, with `data` written at the given offsets.
-    fn content(len: usize, data: &[(usize, &[u8])]) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        for (at, bytes) in data {
-            v[*at..*at + bytes.len()].copy_from_slice(bytes);
-        }
-        v
-    }
-
-    /// A file holding `bytes`, where the `written` ranges are written (zeros too) and the
-    /// rest is left a hole.
-    fn file(dir: &tempfile::TempDir, name: &str, bytes: &[u8], written: &[(usize, usize)]) -> File {
-        let path = dir.path().join(name);
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(bytes.len() as u64).unwrap();
-        for &(start, end) in written {
-            f.write_all_at(&bytes[start..end], start as u64).unwrap();
-        }
-        f.sync_all().unwrap();
-        f
-    }
-
-    fn streamed(bytes: &[u8], piece: usize) -> String {
-        let mut h = ContentHasher::new(Algorithm::B3z1);
-        for p in bytes.chunks(piece.max(1)) {
-            h.write_all(p).unwrap();
-        }
-        h.finalize()
-    }
-
-    fn b3z1(f: &File) -> String {
-        of_file(f, Algorithm::B3z1, |_| {}).unwrap()
-    }
-
-    #[test]
-    fn the_same_bytes_give_the_same_digest_whatever_the_hole_layout() {
-        let len = 5 * MIB + 123;
-        let bytes = content(len, &[(MIB + MIB / 2, b"page one"), (4 * MIB + 7, b"two")]);
-        let dir = tempfile::tempdir().unwrap();
-        let sparse = file(
-            &dir,
-            "sparse",
-            &bytes,
-            &[
-                (MIB + MIB / 2, MIB + MIB / 2 + 8),
-                (4 * MIB + 7, 4 * MIB + 10),
-            ],
-        );
-        let dense = file(&dir, "dense", &bytes, &[(0, len)]);
-        // Zeros written where the others have holes, a hole where they have zeros.
-        let mixed = file(
-            &dir,
-            "mixed",
-            &bytes,
-            &[(0, 2 * MIB), (4 * MIB, 4 * MIB + 10), (5 * MIB, len)],
-        );
-        let digest = b3z1(&sparse);
-        assert!(digest.starts_with(B3Z1_PREFIX), "{digest}");
-        assert_eq!(b3z1(&dense), digest, "written zeros");
-        assert_eq!(b3z1(&mixed), digest, "another layout");
-        for piece in [1 << 12, 7777, MIB, 3 * MIB + 1, len] {
-            assert_eq!(
-                streamed(&bytes, piece),
-                digest,
-                "streamed in pieces of {piece}"
-            );
-        }
-        assert_eq!(of_bytes(Algorithm::B3z1, &bytes), digest);
-    }
-
-    #[test]
-    fn an_all_zero_data_block_is_the_same_as_a_hole() {
-        let dir = tempfile::tempdir().unwrap();
-        let zeros = vec![0u8; 3 * MIB + 5];
-        let hole = file(&dir, "hole", &zeros, &[]);
-        let written = file(&dir, "written", &zeros, &[(0, zeros.len())]);
-        assert_eq!(b3z1(&hole), b3z1(&written));
-        assert_eq!(b3z1(&hole), of_bytes(Algorithm::B3z1, &zeros));
-    }
-
-    #[test]
-    fn holes_are_not_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let len = 64 * MIB;
-        let bytes = content(len, &[(10 * MIB + 3, b"x"), (len - 1, b"y")]);
-        let f = file(
-            &dir,
-            "f",
-            &bytes,
-            &[(10 * MIB + 3, 10 * MIB + 4), (len - 1, len)],
-        );
-        let mut seen = 0;
-        let (digest, read) = digest_file(&f, Algorithm::B3z1, |n| seen += n).unwrap();
-        assert_eq!(digest, of_bytes(Algorithm::B3z1, &bytes));
-        // Filesystems allocate in blocks of a few KiB, so each byte of data costs at most
-        // its 1 MiB block; progress still covers every byte.
-        assert_eq!(
-            read,
-            2 * MIB as u64,
-            "only the two blocks with data are read"
-        );
-        assert_eq!(seen, len as u64);
-    }
-
-    #[test]
-    fn one_changed_byte_or_a_changed_length_changes_the_digest() {
-        let len = 4 * MIB;
-        let bytes = content(len, &[(MIB, b"data")]);
-        let digest = of_bytes(Algorithm::B3z1, &bytes);
-        for at in [0, MIB + 1, 2 * MIB + 17, len - 1] {
-            let mut changed = bytes.clone();
-            changed[at] ^= 1;
-            assert_ne!(of_bytes(Algorithm::B3z1, &changed), digest, "byte {at}");
-        }
-        // Zeros added or removed at the end, within the last block or as a new one.
-        for other in [len - 1, len + 1, len + MIB] {
-            let mut v = bytes.clone();
-            v.resize(other, 0);
-            assert_ne!(of_bytes(Algorithm::B3z1, &v), digest, "{other} bytes");
-        }
-        // Where the zero run ends matters, not only how many zero blocks there are.
-        let moved = content(len, &[(2 * MIB, b"data")]);
-        assert_ne!(of_bytes(Algorithm::B3z1, &moved), digest);
-        assert_ne!(
-            of_bytes(Algorithm::B3z1, b""),
-            of_bytes(Algorithm::B3z1, &[0])
-        );
-    }
-
-    #[test]
-    fn plain_blake3_digests_of_old_manifests_still_work() {
-        let bytes = content(2 * MIB + 9, &[(5, b"old")]);
-        let plain = blake3::hash(&bytes).to_hex().to_string();
-        assert_eq!(Algorithm::of(&plain), Algorithm::Blake3);
-        assert_eq!(
-            Algorithm::of(&of_bytes(Algorithm::B3z1, &bytes)),
-            Algorithm::B3z1
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let f = file(&dir, "f", &bytes, &[(0, 9)]);
-        assert_eq!(of_file(&f, Algorithm::Blake3, |_| {}).unwrap(), plain);
-        assert_eq!(of_bytes(Algorithm::Blake3, &bytes), plain);
-        assert_ne!(of_bytes(Algorithm::B3z1, &bytes), plain);
-    }
-
-    #[test]
-    fn is_zero_finds_a_byte_anywhere() {
-        for len in [0, 1, 127, 128, 129, 1000] {
-            assert!(is_zero(&vec![0; len]));
-            for at in 0..len {
-                let mut v = vec![0; len];
-                v[at] = 0x80;
-                assert!(!is_zero(&v), "{len} bytes, at {at}");
-            }
-        }
-    }
-}
+mod tests;
