@@ -88,7 +88,7 @@ fn copy_of_a_quiet_tree_is_exact_with_checksums_and_metadata() {
     assert_eq!(mode(&target.join("backup.json")), 0o640, "manifest mode");
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(target.join("backup.json")).unwrap()).unwrap();
-    assert_eq!(manifest["format_version"], 1);
+    assert_eq!(manifest["format_version"], 2);
     assert_eq!(manifest["totals"]["files"], 5);
     let files = manifest["files"].as_array().unwrap();
     for f in files.iter().filter(|f| f["type"] == "file") {
@@ -96,7 +96,7 @@ fn copy_of_a_quiet_tree_is_exact_with_checksums_and_metadata() {
         let data = fs::read(&path).unwrap();
         assert_eq!(
             f["blake3"].as_str().unwrap(),
-            blake3::hash(&data).to_hex().as_str(),
+            agent::digest::of_bytes(agent::digest::Algorithm::B3z1, &data),
             "{}",
             path.display()
         );

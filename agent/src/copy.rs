@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use capture::session::ValidityPoint;
 use serde::{Deserialize, Serialize};
 
+use crate::digest::{self, Algorithm};
 use crate::manifest::{self, EntryKind, Manifest, ManifestEntry, Totals};
 
 /// Why a target cannot take a backup.
@@ -207,7 +208,7 @@ pub(crate) fn finish_image(
     Ok((entries, totals))
 }
 
-/// blake3 of every file (as it is in the image, which is final), fsyncing each. In two
+/// The hole-aware content digest of every file (as it is in the image, which is final), fsyncing each. In two
 /// passes: the first checksums every file and starts its writeback, the second fsyncs
 /// them. One pass that fsyncs each file as it goes writes one small file at a time and
 /// commits the journal for each (at 100,000 files of 16 KiB on ext4 that took 250 of the
@@ -224,11 +225,12 @@ fn hash_and_sync(
     let names = |idx: usize| image.join(&entries[idx].path);
     let hashes = each_file(files, parallel, counters, |idx| {
         let file = open_unseen(&names(idx))?;
-        let mut hasher = blake3::Hasher::new();
-        hasher.update_reader(&file)?;
+        // Hole-aware: a sparse file costs what its data costs.
+        let digest = digest::of_file(&file, Algorithm::B3z1, |n| {
+            counters.bytes_done.fetch_add(n, Relaxed);
+        })?;
         start_writeback(&file)?;
-        counters.bytes_done.fetch_add(entries[idx].size, Relaxed);
-        Ok(hasher.finalize().to_hex().to_string())
+        Ok(digest)
     })?;
     each_file(files, parallel, counters, |idx| {
         open_unseen(&names(idx))?.sync_all()?;

@@ -10,6 +10,7 @@ pub mod control;
 pub mod copy;
 pub mod daemon;
 pub mod db;
+pub mod digest;
 pub mod history;
 pub mod host;
 pub mod image;

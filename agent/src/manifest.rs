@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: file digests are `b3z1:` (see `digest.rs`); version 1 manifests (plain blake3)
+/// are still read everywhere.
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "backup.json";
 /// Present while a target is not a finished backup; later commands refuse such a target.
 pub const INCOMPLETE: &str = "INCOMPLETE";
@@ -71,6 +73,8 @@ pub struct ManifestEntry {
     pub kind: EntryKind,
     pub size: u64,
     pub mode: u32,
+    /// The content digest: `b3z1:…` (format 2), or plain blake3 hex (format 1); the
+    /// field keeps its old name so that both read alike.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub blake3: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -1,13 +1,16 @@
-//! `verify`, `info` and `restore`: the commands that read a finished backup.
+//! `verify`, `info`, `restore` and `digest`: the commands that read a finished backup (or a
+//! file to compare with one).
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use agent::digest::Algorithm;
 use agent::image::info::{ImageInfo, State};
 use agent::image::verify::{self, VerifyProgress};
 use agent::image::{Image, ImageError};
 use agent::restore::{RestoreEvent, RestoreOptions};
+use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::render::bytes;
@@ -199,6 +202,17 @@ fn describe(i: &ImageInfo) -> String {
 }
 
 /// Exit codes of `restore`: 0 restored (or planned, with --dry-run), 1 refused or failed.
+/// `digest`: one line per file, as b3sum prints them.
+pub fn digest(files: &[PathBuf], algorithm: Algorithm) -> anyhow::Result<()> {
+    for path in files {
+        let digest = std::fs::File::open(path)
+            .and_then(|f| agent::digest::of_file(&f, algorithm, |_| {}))
+            .with_context(|| format!("cannot read {}; name a readable file", path.display()))?;
+        println!("{digest}  {}", path.display());
+    }
+    Ok(())
+}
+
 pub fn restore(
     dir: &Path,
     options: &RestoreOptions,

@@ -122,6 +122,16 @@ enum Command {
         #[command(flatten)]
         repo: agent::repo::RepoOptions,
     },
+    /// Print the content digest of files as a backup's manifest records it, to compare a
+    /// file with a backup (holes are not read: a sparse file costs what its data costs).
+    Digest {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// b3z1 (what backups record), or blake3 (what format 1 manifests record).
+        #[arg(long, value_enum, default_value = "b3z1")]
+        algorithm: agent::digest::Algorithm,
+    },
     /// Put a backup back as a server's files (verified first), optionally rolled
     /// forward to a GTID or a time from the binlogs (point-in-time recovery).
     Restore {
@@ -427,6 +437,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Restore { dir, options, repo } if agent::repo::Location::is_s3(&dir) => {
             repo_cmds::restore(&dir, &options, &repo)
         }
+        Command::Digest { files, algorithm } => image_cmds::digest(&files, algorithm),
         Command::Restore { dir, options, repo } => image_cmds::restore(&dir, &options, &repo),
         Command::Replica {
             dir,

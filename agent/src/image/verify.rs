@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::Image;
+use crate::digest::{self, Algorithm};
 use crate::manifest::{self, EntryKind, ManifestEntry};
 
 /// Where the last verification's result is kept, next to the manifest.
@@ -261,33 +262,15 @@ fn check_file(path: &Path, entry: &ManifestEntry, bytes_done: &AtomicU64) -> Opt
             "the manifest has no checksum for it".into(),
         ));
     };
-    let mut hasher = blake3::Hasher::new();
     let result = File::open(path).and_then(|f| {
-        let mut reader = ProgressReader {
-            inner: f,
-            done: bytes_done,
-        };
-        io::copy(&mut reader, &mut hasher)
+        digest::of_file(&f, Algorithm::of(expected), |n| {
+            bytes_done.fetch_add(n, Relaxed);
+        })
     });
     match result {
         Err(e) => Some(unreadable(&entry.path, e)),
-        Ok(_) if hasher.finalize().to_hex().as_str() != expected => {
-            Some(changed(&entry.path, "checksum differs".into()))
-        }
+        Ok(found) if &found != expected => Some(changed(&entry.path, "checksum differs".into())),
         Ok(_) => None,
-    }
-}
-
-struct ProgressReader<'a> {
-    inner: File,
-    done: &'a AtomicU64,
-}
-
-impl io::Read for ProgressReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.done.fetch_add(n as u64, Relaxed);
-        Ok(n)
     }
 }
 

@@ -19,6 +19,7 @@ use super::s3::{Bucket, Sealed};
 use super::{
     REPO_MANIFEST, RepoError, RepoEvent, RepoManifest, RepoOptions, StoredObject, VERIFIED,
 };
+use crate::digest::Algorithm;
 use crate::image::Image;
 use crate::image::verify::{Problem, VerifyReport};
 use crate::manifest::{self, EntryKind};
@@ -140,7 +141,13 @@ pub(crate) fn fetch_checked(
     sink: impl Write,
 ) -> Result<Result<(), String>, RepoError> {
     let mut stored = Hashing::new(bucket.reader(rel)?);
-    let decoded = format::decode(&mut stored, sink, key, &object.key);
+    let decoded = format::decode(
+        &mut stored,
+        sink,
+        key,
+        Algorithm::of(&object.blake3),
+        &object.key,
+    );
     if stored.len != object.stored_size || stored.hex() != object.stored_blake3 {
         return Ok(Err(format!(
             "{} stored bytes, blake3 {}; the repository manifest says {} bytes, blake3 {}",
@@ -352,7 +359,7 @@ struct Sparse {
 
 impl Write for Sparse {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if buf.iter().any(|&b| b != 0) {
+        if !crate::digest::is_zero(buf) {
             self.file.write_all_at(buf, self.pos)?;
         }
         self.pos += buf.len() as u64;

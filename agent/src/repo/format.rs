@@ -16,6 +16,7 @@ use chacha20poly1305::aead::stream::{DecryptorBE32, EncryptorBE32};
 use chacha20poly1305::aead::{KeyInit, OsRng, Payload};
 
 use super::RepoError;
+use crate::digest::{Algorithm, ContentHasher};
 
 const MAGIC: &[u8; 4] = b"HBX1";
 const CHUNK: usize = 64 << 10;
@@ -110,31 +111,36 @@ impl EncryptionKey {
     }
 }
 
-/// Counts and hashes what passes through.
+/// Counts and hashes what passes through: plain blake3 (stored bytes), or an image
+/// file's content digest as its manifest names it.
 pub struct Hashing<T> {
     pub inner: T,
-    pub hasher: blake3::Hasher,
+    pub hasher: ContentHasher,
     pub len: u64,
 }
 
 impl<T> Hashing<T> {
     pub fn new(inner: T) -> Hashing<T> {
+        Hashing::with(inner, Algorithm::Blake3)
+    }
+
+    pub fn with(inner: T, algorithm: Algorithm) -> Hashing<T> {
         Hashing {
             inner,
-            hasher: blake3::Hasher::new(),
+            hasher: ContentHasher::new(algorithm),
             len: 0,
         }
     }
 
     pub fn hex(&self) -> String {
-        self.hasher.finalize().to_hex().to_string()
+        self.hasher.finalize()
     }
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.hasher.write_all(&buf[..n])?;
         self.len += n as u64;
         Ok(n)
     }
@@ -146,22 +152,23 @@ impl<W: Write> Write for Hashing<W> {
 impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
+        self.hasher.write_all(&buf[..n])?;
         self.len += n as u64;
         Ok(n)
     }
 }
 
-/// Stores `src` into `sink`; returns the sink and the length and blake3 of what was read.
-/// `threads` are zstd workers for this object (0: compress on the calling thread).
+/// Stores `src` into `sink`; returns the sink and the length and `digest` of what was
+/// read. `threads` are zstd workers for this object (0: compress on the calling thread).
 pub fn encode<W: Write>(
     src: impl Read,
     sink: W,
     encoding: &Encoding,
     threads: u32,
+    digest: Algorithm,
     aad: &str,
 ) -> io::Result<(W, u64, String)> {
-    let mut src = Hashing::new(src);
+    let mut src = Hashing::with(src, digest);
     let sink = match &encoding.key {
         None => compress(&mut src, sink, encoding.level, threads)?,
         Some(key) => {
@@ -192,15 +199,16 @@ fn compress<W: Write>(src: &mut impl Read, sink: W, level: i32, threads: u32) ->
     encoder.finish()
 }
 
-/// Restores a stored object from `src` into `sink`; returns the length and blake3 of what
-/// was written. Everything in `src` is read, so a hash of it covers the whole object.
+/// Restores a stored object from `src` into `sink`; returns the length and `digest` of
+/// what was written. Everything in `src` is read, so a hash of it covers the whole object.
 pub fn decode(
     src: &mut impl Read,
     sink: impl Write,
     key: Option<&EncryptionKey>,
+    digest: Algorithm,
     aad: &str,
 ) -> io::Result<(u64, String)> {
-    let mut sink = Hashing::new(sink);
+    let mut sink = Hashing::with(sink, digest);
     match key {
         None => {
             let mut d = zstd::stream::read::Decoder::new(&mut *src)?;
@@ -355,19 +363,26 @@ mod tests {
 
     fn roundtrip(data: &[u8], key: Option<EncryptionKey>) -> (Vec<u8>, Vec<u8>) {
         let encoding = Encoding { level: 3, key };
-        let (stored, len, hash) = encode(data, Vec::new(), &encoding, 0, "data/t1.ibd").unwrap();
+        let digest = Algorithm::B3z1;
+        let (stored, len, hash) =
+            encode(data, Vec::new(), &encoding, 0, digest, "data/t1.ibd").unwrap();
         assert_eq!(
-            (len, hash),
-            (data.len() as u64, blake3::hash(data).to_hex().to_string())
+            (len, hash.as_str()),
+            (
+                data.len() as u64,
+                crate::digest::of_bytes(digest, data).as_str()
+            )
         );
         let mut out = Vec::new();
-        decode(
+        let (len, back) = decode(
             &mut stored.as_slice(),
             &mut out,
             encoding.key.as_ref(),
+            digest,
             "data/t1.ibd",
         )
         .unwrap();
+        assert_eq!((len, back), (data.len() as u64, hash));
         (stored, out)
     }
 
@@ -392,7 +407,7 @@ mod tests {
         OsRng.fill_bytes(&mut data);
         let (stored, _) = roundtrip(&data, Some(key()));
         let fails = |bytes: &[u8], key: &EncryptionKey, aad: &str| {
-            decode(&mut &bytes[..], io::sink(), Some(key), aad).is_err()
+            decode(&mut &bytes[..], io::sink(), Some(key), Algorithm::B3z1, aad).is_err()
         };
         let mut flipped = stored.clone();
         flipped[100] ^= 1;
@@ -422,7 +437,8 @@ mod tests {
             key: None,
         };
         let zeros = io::repeat(0).take(64 << 20);
-        let (stored, len, _) = encode(zeros, Vec::new(), &encoding, 0, "x").unwrap();
+        let (stored, len, _) =
+            encode(zeros, Vec::new(), &encoding, 0, Algorithm::B3z1, "x").unwrap();
         assert_eq!(len, 64 << 20);
         assert!(stored.len() < 64 << 10, "{} bytes stored", stored.len());
     }

@@ -20,6 +20,7 @@ use super::{
     EntryAttributes, REPO_FORMAT_VERSION, REPO_MANIFEST, RepoError, RepoEvent, RepoManifest,
     RepoOptions, StoredObject, object_key,
 };
+use crate::digest::Algorithm;
 use crate::image::Image;
 use crate::manifest::{self, EntryKind};
 
@@ -191,11 +192,19 @@ pub(crate) fn put_checked(
             ("hotbackup-encoding", tag.to_string()),
         ],
     );
-    let (sink, len, hash) = format::encode(src, Hashing::new(writer), encoding, threads, &job.key)
-        .map_err(|e| match e.downcast::<RepoError>() {
-            Ok(r) => r,
-            Err(e) => RepoError::S3(format!("uploading {rel} to {} failed: {e}", bucket.url)),
-        })?;
+    let digest = Algorithm::of(&job.blake3);
+    let (sink, len, hash) = format::encode(
+        src,
+        Hashing::new(writer),
+        encoding,
+        threads,
+        digest,
+        &job.key,
+    )
+    .map_err(|e| match e.downcast::<RepoError>() {
+        Ok(r) => r,
+        Err(e) => RepoError::S3(format!("uploading {rel} to {} failed: {e}", bucket.url)),
+    })?;
     if len != job.size || hash != job.blake3 {
         // The unfinished writer is dropped: a multipart upload is aborted, a PUT never sent.
         return Ok(None);

@@ -208,10 +208,18 @@ impl CaptureSession {
                 // No data from here on: the rest is the tail.
                 Err(Errno::ENXIO) => break,
                 Ok(data) if data >= off + chunk => {
-                    // A whole hole: the image file is sparse there too.
-                    fc.copied.lock().insert(off, off + chunk);
+                    // A hole: the image file is sparse there too. Its whole chunks are
+                    // taken at once, not one by one (a 1 TiB sparse file is a million
+                    // chunks), under a lock on all of them and checked again under it.
                     drop(guard);
-                    off += chunk;
+                    let end = off + (data - off) / chunk * chunk;
+                    let hole = fc.lock.lock(off, end);
+                    if seek_data(src.as_fd(), off).is_ok_and(|d| d >= end) {
+                        fc.copied.lock().insert(off, end);
+                        off = end;
+                    }
+                    // (Otherwise a write landed meanwhile: this chunk again, as data.)
+                    drop(hole);
                     continue;
                 }
                 _ => {}
