@@ -263,7 +263,11 @@ impl CaptureSession {
     }
 
     fn throttle(&self, next: u64) {
-        if let Some(auto) = &self.auto_throttle {
+        // A clone moves no data (the filesystem shares the extents): pacing it by bytes
+        // would take away its point, so `auto` paces byte copies only.
+        if let Some(auto) = &self.auto_throttle
+            && self.clone_block.load(Relaxed) == 0
+        {
             self.pause(auto.pause(next, self.options.parallel));
         }
         let Some(rate) = self.options.throttle_bytes_per_sec.filter(|r| *r > 0) else {
