@@ -70,7 +70,10 @@ fn a_backup_under_load_restores_recovers_and_converges_as_a_replica() {
     assert!(load.wait_until_acked(10, Duration::from_secs(60)));
     let floors = load.acked();
     let target = agent.dir.path().join("backup");
-    let out = backup(&source, &target, &["--throttle=20"]);
+    // The default pace (--throttle auto), with the load running through the copy. (A
+    // fixed 20 MB/s chased the load's growth: 1.1 GiB copied in 49 s on a quiet machine,
+    // against 214 MiB in 6 s with auto.)
+    let out = backup(&source, &target, &[]);
     let report = load.stop();
     assert!(
         out.status.success(),
