@@ -84,13 +84,9 @@ impl CaptureSession {
             budget = budget.saturating_sub(NAMES_PER_ENTRY);
             // An entry below another one still to walk is taken with it (never the case
             // while renames keep the set as it is built; a cheap guard). One a rename
-            // moved into an excluded place stays out.
-            if self.excluded(&rel)
-                || rel
-                    .ancestors()
-                    .skip(1)
-                    .any(|a| self.unwalked.lock().contains(a))
-            {
+            // moved into an excluded place stays out. (`rel` left the set above, so
+            // `outside` asks about its ancestors only.)
+            if self.outside(&rel) {
                 continue;
             }
             let is_dir = rel.as_os_str().is_empty() || self.adopt_child(&rel, pending)?;
