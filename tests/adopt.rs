@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::mariadb::{MariaDb, ServerUser};
-use common::{Agent, hotbackup, is_mounted};
+use common::{Agent, hotbackup, is_mounted, ok};
 
 fn run(args: &[&Path]) -> Output {
     let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
@@ -32,16 +32,6 @@ fn unadopt(datadir: &Path, root: &Path) -> Output {
         "--root".as_ref(),
         root,
     ])
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "hotbackup failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The one-sentence error of a refused command.
@@ -112,13 +102,13 @@ fn adopt_then_unadopt_keeps_every_row_of_a_real_server() {
     let files_before = files_under(&datadir);
 
     // A dry run prints the plan and changes nothing.
-    let plan = ok(adopt(&datadir, &root, &["--dry-run"]));
+    let plan = ok(&adopt(&datadir, &root, &["--dry-run"]));
     assert!(plan.contains("2. rename "), "{plan}");
     assert!(plan.contains("dry run"), "{plan}");
     assert_eq!(files_under(&datadir), files_before);
     assert!(!root.exists());
 
-    let out = ok(adopt(&datadir, &root, &[]));
+    let out = ok(&adopt(&datadir, &root, &[]));
     assert!(out.contains("next: systemctl daemon-reload"), "{out}");
     let rec = record(&root);
     let backing = PathBuf::from(rec["backing"].as_str().unwrap());
@@ -165,7 +155,7 @@ fn adopt_then_unadopt_keeps_every_row_of_a_real_server() {
     let (status, stderr) = agent.stop();
     assert!(status.success(), "agent: {stderr}");
 
-    ok(unadopt(&datadir, &root));
+    ok(&unadopt(&datadir, &root));
     assert!(!is_mounted(&datadir));
     assert!(!backing.exists());
     assert_eq!(
@@ -201,7 +191,7 @@ fn scheduled_backup_needs_no_flags(db: &MariaDb, dir: &Path) {
         .env(agent::config::ENV, &config)
         .output()
         .unwrap();
-    ok(out);
+    ok(&out);
     let made: Vec<_> = fs::read_dir(&backups).unwrap().flatten().collect();
     assert_eq!(made.len(), 1);
     let name = made[0].file_name().into_string().unwrap();
@@ -265,9 +255,9 @@ fn refusals_change_nothing_and_an_interrupted_adopt_is_undone() {
 
     // An adopt interrupted after the rename, before the mountpoint was made: unadopt
     // finishes from the record.
-    ok(adopt(&datadir, &root, &[]));
+    ok(&adopt(&datadir, &root, &[]));
     fs::remove_dir(&datadir).unwrap();
-    let plan = ok(run(&[
+    let plan = ok(&run(&[
         "unadopt".as_ref(),
         "--datadir".as_ref(),
         &datadir,
@@ -277,11 +267,11 @@ fn refusals_change_nothing_and_an_interrupted_adopt_is_undone() {
     ]));
     assert!(!plan.contains("remove the empty mountpoint"), "{plan}");
     assert!(plan.contains("rename the backing directory back"), "{plan}");
-    ok(unadopt(&datadir, &root));
+    ok(&unadopt(&datadir, &root));
     assert_eq!(fs::read(datadir.join("ibdata1")).unwrap(), b"pages");
 
     // Unadopt never empties a mountpoint something wrote into.
-    ok(adopt(&datadir, &root, &[]));
+    ok(&adopt(&datadir, &root, &[]));
     fs::write(datadir.join("stray"), b"x").unwrap();
     let err = refused(unadopt(&datadir, &root));
     assert!(err.contains("never deletes data"), "{err}");

@@ -8,21 +8,9 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::Agent;
 use common::s3::{BUCKET, CutProxy, Moto};
-
-#[track_caller]
-fn ok(out: Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
+use common::{Agent, ok};
 
 /// Eight 1 MiB files of random bytes (they do not compress) and a 64 MiB sparse file
 /// with 4 KiB of data, copied into `target` with `hotbackup copy`.
@@ -38,7 +26,7 @@ fn image(agent: &Agent, target: &Path) {
         f.set_len(64 << 20).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 32 << 20).unwrap();
     }
-    ok(agent.copy(target, &["--progress=none"]));
+    ok(&agent.copy(target, &["--progress=none"]));
 }
 
 #[test]
@@ -80,7 +68,7 @@ fn an_upload_cut_off_is_never_listed_and_resumes_where_it_stopped() {
     );
     let listed = moto.hotbackup(&["list", &moto.url("cut")]);
     assert!(
-        ok(listed.clone()).trim().is_empty(),
+        ok(&listed.clone()).trim().is_empty(),
         "a partial upload is listed"
     );
     assert!(String::from_utf8_lossy(&listed.stderr).contains("1 incomplete (img)"));
@@ -93,7 +81,7 @@ fn an_upload_cut_off_is_never_listed_and_resumes_where_it_stopped() {
     );
 
     // Again, with the network back: what was finished is not sent again.
-    let again = ok(moto.hotbackup(&["upload", local_s, &url, "--transfers", "1"]));
+    let again = ok(&moto.hotbackup(&["upload", local_s, &url, "--transfers", "1"]));
     let skipped: usize = again
         .split(" already there")
         .next()
@@ -102,10 +90,10 @@ fn an_upload_cut_off_is_never_listed_and_resumes_where_it_stopped() {
         .unwrap_or_else(|| panic!("{again}"));
     assert!((1..10).contains(&skipped), "{again}");
     eprintln!("resumed upload: {skipped} objects skipped");
-    assert!(ok(moto.hotbackup(&["verify", &url])).contains("all checksums match"));
+    assert!(ok(&moto.hotbackup(&["verify", &url])).contains("all checksums match"));
     // The sparse file's 64 MiB cost almost nothing stored.
     let json: serde_json::Value =
-        serde_json::from_str(&ok(moto.hotbackup(&["list", &moto.url("cut"), "--json"]))).unwrap();
+        serde_json::from_str(&ok(&moto.hotbackup(&["list", &moto.url("cut"), "--json"]))).unwrap();
     let stored_bytes = json[0]["stored_bytes"].as_u64().unwrap();
     assert_eq!(json[0]["bytes"].as_u64().unwrap(), 72 << 20);
     assert!(stored_bytes < 9 << 20, "{stored_bytes} bytes stored");
@@ -113,7 +101,7 @@ fn an_upload_cut_off_is_never_listed_and_resumes_where_it_stopped() {
 
 /// `name`s in `hotbackup list LOCATION`, oldest first.
 fn names(moto: &Moto, location: &str) -> Vec<String> {
-    ok(moto.hotbackup(&["list", location]))
+    ok(&moto.hotbackup(&["list", location]))
         .lines()
         .map(|l| l.split_whitespace().next().unwrap().to_string())
         .collect()
@@ -129,7 +117,7 @@ fn delete_and_prune_work_the_same_on_a_directory_and_a_bucket() {
     let names_in_order = ["a", "b", "c", "d"];
     for name in names_in_order {
         image(&agent, &dir.join(name));
-        ok(moto.hotbackup(&[
+        ok(&moto.hotbackup(&[
             "upload",
             dir.join(name).to_str().unwrap(),
             &moto.url(&format!("p/{name}")),
@@ -148,17 +136,17 @@ fn delete_and_prune_work_the_same_on_a_directory_and_a_bucket() {
 
     for location in [dir.to_str().unwrap().to_string(), moto.url("p")] {
         assert_eq!(names(&moto, &location), names_in_order, "{location}");
-        let dry = ok(moto.hotbackup(&["prune", &location, "--keep-last", "2", "--dry-run"]));
+        let dry = ok(&moto.hotbackup(&["prune", &location, "--keep-last", "2", "--dry-run"]));
         assert!(
             dry.contains("would delete a") && dry.contains("would delete b"),
             "{dry}"
         );
         assert!(dry.contains("1 incomplete image(s) kept"), "{dry}");
         assert_eq!(names(&moto, &location), names_in_order, "a dry run deleted");
-        ok(moto.hotbackup(&["prune", &location, "--keep-last", "2"]));
+        ok(&moto.hotbackup(&["prune", &location, "--keep-last", "2"]));
         assert_eq!(names(&moto, &location), ["c", "d"], "{location}");
         // One a week: the newest of this week.
-        ok(moto.hotbackup(&[
+        ok(&moto.hotbackup(&[
             "prune",
             &location,
             "--keep-daily",
@@ -169,7 +157,7 @@ fn delete_and_prune_work_the_same_on_a_directory_and_a_bucket() {
             "1",
         ]));
         assert_eq!(names(&moto, &location), ["d"], "{location}");
-        ok(moto.hotbackup(&["delete", &format!("{location}/d")]));
+        ok(&moto.hotbackup(&["delete", &format!("{location}/d")]));
         assert!(names(&moto, &location).is_empty(), "{location}");
     }
     // Nothing of the pruned images is left in the bucket; the partial one is untouched.

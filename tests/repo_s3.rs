@@ -13,20 +13,13 @@ use std::process::Output;
 
 use common::mariadb::{MariaDb, ServerUser};
 use common::s3::{BUCKET, Moto, key_file};
-use common::{Agent, backup, restored_server_args};
+use common::{Agent, backup, ok, restored_server_args};
 
 fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-#[track_caller]
-fn ok(out: Output) -> String {
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "failed:\n{stdout}\n{stderr}");
-    stdout
 }
 
 /// blake3 and mode of every file under `root`, by relative path.
@@ -101,9 +94,9 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
     let plain = moto.url("nightly/plain");
     let enc = moto.url("nightly/enc");
     let local_s = local.to_str().unwrap();
-    let up = ok(moto.hotbackup(&["upload", local_s, &plain]));
+    let up = ok(&moto.hotbackup(&["upload", local_s, &plain]));
     assert!(up.contains("0 already there"), "{up}");
-    ok(moto.hotbackup(&[
+    ok(&moto.hotbackup(&[
         "upload",
         local_s,
         &enc,
@@ -114,22 +107,22 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
     let (_, again) = text(&moto.hotbackup(&["upload", local_s, &plain]));
     assert!(again.contains("already holds a complete backup"), "{again}");
 
-    let listed = ok(moto.hotbackup(&["list", &moto.url("nightly")]));
+    let listed = ok(&moto.hotbackup(&["list", &moto.url("nightly")]));
     assert!(
         listed.contains("plain") && listed.contains("enc"),
         "{listed}"
     );
     let gtid = fs::read_to_string(local.join("hotbackup_binlog_info")).unwrap();
     let gtid = gtid.trim_end().rsplit('\t').next().unwrap().to_string();
-    let info = ok(moto.hotbackup(&["info", &plain]));
+    let info = ok(&moto.hotbackup(&["info", &plain]));
     assert!(info.contains("state         complete"), "{info}");
     assert!(info.contains(&format!("GTID {gtid}")), "{info}");
-    let verified = ok(moto.hotbackup(&["verify", &plain]));
+    let verified = ok(&moto.hotbackup(&["verify", &plain]));
     assert!(verified.contains("all checksums match"), "{verified}");
-    assert!(ok(moto.hotbackup(&["info", &plain])).contains("all checksums matched"));
+    assert!(ok(&moto.hotbackup(&["info", &plain])).contains("all checksums matched"));
     let key_s = key.to_str().unwrap();
     assert!(
-        ok(moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]))
+        ok(&moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]))
             .contains("all checksums match")
     );
     let (_, no_key) = text(&moto.hotbackup(&["verify", &enc]));
@@ -140,7 +133,7 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
 
     // Down: the same files, modes and owners as a restore of the local image.
     let from_local = work.path().join("from-local");
-    ok(restore(&moto, local_s, &from_local, &[]));
+    ok(&restore(&moto, local_s, &from_local, &[]));
     let expected = tree(&from_local);
     let cnf = PathBuf::from("db/hotbackup-restored.cnf");
     let without_cnf = |mut t: BTreeMap<PathBuf, (String, u32)>| {
@@ -151,7 +144,7 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
         let root = work
             .path()
             .join(format!("from-{}", url.rsplit('/').next().unwrap()));
-        ok(restore(&moto, url, &root, &extra));
+        ok(&restore(&moto, url, &root, &extra));
         assert_eq!(
             without_cnf(tree(&root)),
             without_cnf(expected.clone()),
@@ -184,12 +177,12 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
             "--print-sql",
         ])
     };
-    let from_bucket = ok(replica_args(&plain));
+    let from_bucket = ok(&replica_args(&plain));
     assert!(
         from_bucket.contains(&gtid) && from_bucket.contains("CHANGE MASTER"),
         "{from_bucket}"
     );
-    assert_eq!(from_bucket, ok(replica_args(local_s)));
+    assert_eq!(from_bucket, ok(&replica_args(local_s)));
 
     // A tampered object: verify names it, restore refuses before placing anything.
     tamper(&moto, "nightly/plain/", "ibdata1.zst");
@@ -277,7 +270,7 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     assert!(text(&out).1.contains("carries no MAC"), "{:?}", text(&out));
     put("pass", "meta");
-    ok(moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]));
+    ok(&moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]));
     // Encrypted, a flipped bit fails authentication.
     tamper(&moto, "nightly/enc/", "ibdata1.zst.enc");
     let out = moto.hotbackup(&["verify", &enc, "--encrypt-key-file", key_s]);
@@ -288,7 +281,7 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
     fs::create_dir(&staging).unwrap();
     let direct = moto.url("nightly/direct");
     let history = work.path().join("history.jsonl");
-    ok(moto.hotbackup(&[
+    ok(&moto.hotbackup(&[
         "backup",
         "--no-defaults",
         &format!("--socket={}", source.socket().display()),
@@ -299,7 +292,7 @@ fn a_mariadb_backup_round_trips_through_a_bucket_and_tampering_is_refused() {
         &format!("--history-file={}", history.display()),
     ]));
     assert!(!staging.join("direct").exists(), "the staged copy was kept");
-    assert!(ok(moto.hotbackup(&["verify", &direct])).contains("all checksums match"));
+    assert!(ok(&moto.hotbackup(&["verify", &direct])).contains("all checksums match"));
     let (_, no_staging) = text(&moto.hotbackup(&[
         "backup",
         "--no-defaults",

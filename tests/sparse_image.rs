@@ -9,7 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use common::{Agent, hotbackup};
+use common::{Agent, hotbackup, ok};
 
 const GIB: u64 = 1 << 30;
 /// Apparent size: reading it all (as the old whole-content blake3 did) would take long
@@ -25,16 +25,6 @@ const DATA: [(u64, &[u8]); 3] = [
 /// Bytes the filesystem allocated for `path`.
 fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
-}
-
-fn ok(out: &std::process::Output, what: &str) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{what} failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 fn digest_of(path: &Path) -> String {
@@ -56,7 +46,7 @@ fn a_sparse_file_is_copied_verified_and_restored_with_its_holes() {
         f.write_all_at(&vec![0u8; 1 << 20], 3 * GIB).unwrap();
     }
     let target = agent.dir.path().join("image");
-    ok(&agent.copy(&target, &["--progress", "none"]), "copy");
+    ok(&agent.copy(&target, &["--progress", "none"]));
 
     let image_file = target.join("data/huge.ibd");
     assert_eq!(fs::metadata(&image_file).unwrap().len(), SIZE);
@@ -82,12 +72,9 @@ fn a_sparse_file_is_copied_verified_and_restored_with_its_holes() {
         digest_of(&agent.dir.path().join("backing/huge.ibd"))
     );
     let verify = || hotbackup(&["verify", target.to_str().unwrap()]);
-    ok(&verify(), "verify");
+    ok(&verify());
     // `hotbackup digest` prints what the manifest records.
-    let printed = ok(
-        &hotbackup(&["digest", image_file.to_str().unwrap()]),
-        "digest",
-    );
+    let printed = ok(&hotbackup(&["digest", image_file.to_str().unwrap()]));
     assert_eq!(
         printed.split_whitespace().next(),
         Some(recorded),
@@ -96,15 +83,12 @@ fn a_sparse_file_is_copied_verified_and_restored_with_its_holes() {
 
     // Restored: as sparse as the image, and the same content.
     let restored = agent.dir.path().join("restored");
-    ok(
-        &hotbackup(&[
-            "restore",
-            target.to_str().unwrap(),
-            "--datadir",
-            restored.to_str().unwrap(),
-        ]),
+    ok(&hotbackup(&[
         "restore",
-    );
+        target.to_str().unwrap(),
+        "--datadir",
+        restored.to_str().unwrap(),
+    ]));
     let restored_file = restored.join("huge.ibd");
     assert!(
         allocated(&restored_file) < 64 << 20,
@@ -115,7 +99,7 @@ fn a_sparse_file_is_copied_verified_and_restored_with_its_holes() {
     // Zeros written into a former hole change the layout, not the content: it verifies.
     let image = OpenOptions::new().write(true).open(&image_file).unwrap();
     image.write_all_at(&vec![0u8; 3 << 20], GIB).unwrap();
-    ok(&verify(), "verify after zeros");
+    ok(&verify());
     // One changed byte inside a former hole is caught.
     image.write_all_at(&[1], 2 * GIB + 12345).unwrap();
     image.sync_all().unwrap();

@@ -28,6 +28,18 @@ pub fn hotbackup(args: &[&str]) -> Output {
         .expect("run hotbackup")
 }
 
+/// The stdout of a command that must have succeeded (else both streams, at the caller).
+#[track_caller]
+pub fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// True when `path` is a mountpoint according to the kernel's mount table.
 pub fn is_mounted(path: &Path) -> bool {
     capture::mountinfo::mount_at(path).is_some()
