@@ -103,6 +103,9 @@ pub struct AgentStatus {
     pub socket: PathBuf,
     pub uptime_secs: f64,
     pub threads: usize,
+    /// How the kernel hands requests over ("io_uring (…)" or "/dev/fuse").
+    #[serde(default)]
+    pub transport: String,
     /// Inodes the kernel currently references.
     pub inodes: usize,
     /// Files and directories open through the mount.

@@ -10,7 +10,9 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use capture::{BlockDevice, MountError, MountOptions, Mounted, PassthroughFs, UnmountError};
+use capture::{
+    BlockDevice, IoUringMode, MountError, MountOptions, Mounted, PassthroughFs, UnmountError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::client::{SOURCE_PREFIX, blockdev_file};
@@ -41,6 +43,23 @@ pub struct AgentOptions {
     #[arg(long, value_enum, default_value_t = BlockDeviceMode::None)]
     #[serde(default)]
     pub block_device: BlockDeviceMode,
+    /// How the kernel hands requests over: `auto` uses FUSE over io_uring where the
+    /// kernel has it (6.14+; the agent sets the `fuse` module's `enable_uring` if it is
+    /// off), served on the application's own CPU, and /dev/fuse otherwise; `on` refuses
+    /// to mount without it; `off` uses /dev/fuse only.
+    #[arg(long, value_enum, default_value_t = IoUring::Auto)]
+    #[serde(default)]
+    pub io_uring: IoUring,
+}
+
+/// See `--io-uring`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUring {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 /// Two FUSE threads per CPU, 2 to 8. On a 2-core VM, 4 threads gave 1.12-2.0x the
@@ -136,6 +155,11 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
         threads: options.threads,
         fsname: format!("{SOURCE_PREFIX}{}", socket.display()),
         block_device,
+        io_uring: match options.io_uring {
+            IoUring::Auto => IoUringMode::Auto,
+            IoUring::On => IoUringMode::On,
+            IoUring::Off => IoUringMode::Off,
+        },
     };
     let mut mounted = capture::mount(&backing, &mountpoint, &mount_options)?;
     let started = Instant::now();
@@ -144,6 +168,7 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
         mountpoint = %mountpoint.display(),
         socket = %socket.display(),
         threads = options.threads,
+        transport = %mounted.transport(),
         "serving"
     );
 
@@ -154,6 +179,7 @@ pub fn run_agent(options: &AgentOptions) -> Result<(), AgentError> {
         mountpoint: mountpoint.clone(),
         socket: socket.clone(),
         threads: options.threads,
+        transport: mounted.transport(),
         started,
     };
     thread::Builder::new()
@@ -242,6 +268,7 @@ struct StatusSource {
     mountpoint: PathBuf,
     socket: PathBuf,
     threads: usize,
+    transport: String,
     started: Instant,
 }
 
@@ -255,6 +282,7 @@ impl StatusSource {
             socket: self.socket.clone(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             threads: self.threads,
+            transport: self.transport.clone(),
             inodes: self.fs.inodes().len(),
             open_handles: self.fs.open_handles(),
             stats: self.fs.stats.snapshot(),

@@ -1,7 +1,8 @@
 //! `O_DIRECT` on the backing side. When the application opens a file with `O_DIRECT`
 //! (InnoDB data files), the backing file is opened with `O_DIRECT` too, so the data is
 //! cached once (in the buffer pool), as on a plain directory. The kernel hands us payloads
-//! at arbitrary memory addresses, so I/O goes through a per-thread aligned bounce buffer;
+//! at arbitrary memory addresses (over /dev/fuse; the io_uring transport's are
+//! page-aligned and written as they are), so I/O goes through a per-thread aligned bounce buffer;
 //! a request whose offset or length is not block-aligned, which `O_DIRECT` on the backing
 //! file would refuse, goes through a buffered fd on the same file instead.
 
@@ -108,6 +109,9 @@ thread_local! {
 /// Reads `buf.len()` bytes at `offset` with `O_DIRECT` (both must be aligned); returns
 /// the count, short at end of file.
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize> {
+    if (buf.as_ptr() as usize).is_multiple_of(MEMORY_ALIGN) {
+        return sys::pread_full(fd, buf, offset);
+    }
     BOUNCE.with(|b| {
         let mut b = b.borrow_mut();
         let bounce = b.slice(buf.len());
@@ -117,8 +121,12 @@ pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> SysResult<usize
     })
 }
 
-/// Writes `data` at `offset` with `O_DIRECT` (both must be aligned).
+/// Writes `data` at `offset` with `O_DIRECT` (both must be aligned). A payload that
+/// already lies on a page boundary (the io_uring transport's buffers) goes as it is.
 pub fn pwrite(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> SysResult<usize> {
+    if (data.as_ptr() as usize).is_multiple_of(MEMORY_ALIGN) {
+        return sys::pwrite_full(fd, data, offset);
+    }
     BOUNCE.with(|b| {
         let mut b = b.borrow_mut();
         let bounce = b.slice(data.len());

@@ -18,45 +18,58 @@ use fuser::{
 
 use crate::fs::{Caller, FsResult, Opened, PassthroughFs, SetAttr, XattrReply};
 use crate::stats::{AppLatency, Op};
+use crate::uring::Negotiation;
 
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     fs: Arc<PassthroughFs>,
+    /// Set when the mount would take io_uring: INIT asks for it and says what it got.
+    uring: Option<Arc<Negotiation>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<PassthroughFs>) -> FuseAdapter {
-        FuseAdapter { fs }
+    pub fn new(fs: Arc<PassthroughFs>, uring: Option<Arc<Negotiation>>) -> FuseAdapter {
+        FuseAdapter { fs, uring }
     }
 
     fn run<T>(&self, op: Op, call: impl FnOnce(&PassthroughFs) -> FsResult<T>) -> Result<T, Errno> {
-        self.fs.stats.count(op);
-        let timed = AppLatency::times(op).then(Instant::now);
-        let outcome = catch_unwind(AssertUnwindSafe(|| call(&self.fs)));
-        if let Some(t0) = timed {
-            self.fs.stats.latency.record(op, t0.elapsed());
-        }
-        match outcome {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                self.fs.stats.error(e.errno() as i32);
-                tracing::trace!(op = op.name(), error = %e, "operation failed");
-                Err(Errno::from_i32(e.errno() as i32))
-            }
-            Err(_) => {
-                self.fs.stats.error(libc::EIO);
-                tracing::error!(op = op.name(), "panic while serving; answered EIO");
-                Err(Errno::EIO)
-            }
-        }
+        serve(&self.fs, op, call)
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: Result<fuser::FileAttr, Errno>) {
         match r {
             Ok(attr) => reply.entry(&self.fs.ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
+        }
+    }
+}
+
+/// Runs one operation the way every transport does: count, call (a panic becomes EIO,
+/// never a hung request), time the application's syncs, count the error.
+pub(crate) fn serve<T>(
+    fs: &PassthroughFs,
+    op: Op,
+    call: impl FnOnce(&PassthroughFs) -> FsResult<T>,
+) -> Result<T, Errno> {
+    fs.stats.count(op);
+    let timed = AppLatency::times(op).then(Instant::now);
+    let outcome = catch_unwind(AssertUnwindSafe(|| call(fs)));
+    if let Some(t0) = timed {
+        fs.stats.latency.record(op, t0.elapsed());
+    }
+    match outcome {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            fs.stats.error(e.errno() as i32);
+            tracing::trace!(op = op.name(), error = %e, "operation failed");
+            Err(Errno::from_i32(e.errno() as i32))
+        }
+        Err(_) => {
+            fs.stats.error(libc::EIO);
+            tracing::error!(op = op.name(), "panic while serving; answered EIO");
+            Err(Errno::EIO)
         }
     }
 }
@@ -75,7 +88,7 @@ fn empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     }
 }
 
-fn open_flags(opened: &Opened) -> FopenFlags {
+pub(crate) fn open_flags(opened: &Opened) -> FopenFlags {
     if opened.direct_io {
         // O_DIRECT: no page cache on our side either; writes to distinct ranges of one
         // file may run in parallel (the kernel still serializes extending writes).
@@ -107,6 +120,13 @@ impl Filesystem for FuseAdapter {
             if let Err(missing) = config.add_capabilities(cap) {
                 tracing::debug!(?missing, "kernel lacks FUSE capability");
             }
+        }
+        if let Some(uring) = &self.uring {
+            uring.decided(
+                config
+                    .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                    .is_ok(),
+            );
         }
         Ok(())
     }

@@ -17,7 +17,8 @@ pub mod session;
 pub mod stats;
 mod sync;
 mod sys;
+mod uring;
 
 pub use fs::{FsError, PassthroughFs};
-pub use mount::{BlockDevice, MountError, MountOptions, Mounted, UnmountError, mount};
+pub use mount::{BlockDevice, IoUringMode, MountError, MountOptions, Mounted, UnmountError, mount};
 pub use stats::StatsSnapshot;

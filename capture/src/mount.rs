@@ -6,12 +6,16 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, SessionACL};
 
 use crate::blockdev::LoopDevice;
 use crate::fs::PassthroughFs;
-use crate::fuse::FuseAdapter;
+use crate::fuse::{FuseAdapter, MAX_WRITE};
 use crate::mountinfo;
+use crate::uring::{self, Rings};
 
 /// Why a mount was refused; every message names the fix.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +59,10 @@ pub enum MountError {
     #[error("could not open backing directory {path}: {error}")]
     Backing { path: PathBuf, error: io::Error },
     #[error(
+        "FUSE over io_uring is not available ({0}); mount without it (--io-uring off) or use a kernel with it (6.14 or later, `fuse` module parameter enable_uring=Y)"
+    )]
+    IoUring(String),
+    #[error(
         "could not set up the loop device for a block-device mount: {0}; is the loop module loaded (`modprobe loop`, /dev/loop-control)? Or mount without one (--block-device none)"
     )]
     BlockDevice(io::Error),
@@ -87,6 +95,21 @@ pub struct MountOptions {
     /// Mount as `fuseblk` over a loop device made for it, so files get a block device's
     /// `st_dev` (see `blockdev`); None mounts plain `fuse`.
     pub block_device: Option<BlockDevice>,
+    /// Whether requests come through io_uring rings (see `uring`) or /dev/fuse alone.
+    pub io_uring: IoUringMode,
+}
+
+/// How the kernel hands requests to the agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoUringMode {
+    /// io_uring when the kernel has it (the agent sets the `fuse` module's
+    /// `enable_uring` if it is off), /dev/fuse otherwise.
+    #[default]
+    Auto,
+    /// io_uring or refuse to mount.
+    On,
+    /// /dev/fuse only.
+    Off,
 }
 
 /// The dummy device of a `fuseblk` mount.
@@ -105,6 +128,7 @@ impl Default for MountOptions {
             threads: 8,
             fsname: "hotbackup".into(),
             block_device: None,
+            io_uring: IoUringMode::Auto,
         }
     }
 }
@@ -191,6 +215,7 @@ pub struct Mounted {
     pub fs: Arc<PassthroughFs>,
     pub mountpoint: PathBuf,
     session: Option<BackgroundSession>,
+    rings: Option<Rings>,
 }
 
 /// Mounts `backing` at `mountpoint` and serves it from background threads.
@@ -200,84 +225,149 @@ pub fn mount(
     options: &MountOptions,
 ) -> Result<Mounted, MountError> {
     let (backing, mountpoint) = check(backing, mountpoint)?;
+    let want_uring = match options.io_uring {
+        IoUringMode::Off => false,
+        mode => match uring::enable(true) {
+            Ok(()) => true,
+            Err(why) if mode == IoUringMode::On => return Err(MountError::IoUring(why)),
+            Err(why) => {
+                tracing::info!(%why, "serving over /dev/fuse, without io_uring");
+                false
+            }
+        },
+    };
+    if want_uring {
+        let init = Arc::new(uring::Negotiation::default());
+        let (mut mounted, dev) = mount_once(&backing, &mountpoint, options, Some(init.clone()))?;
+        let per_queue = options.threads.div_ceil(available_cpus()).max(2);
+        match uring::start(
+            mounted.fs.clone(),
+            &dev,
+            &init,
+            per_queue,
+            MAX_WRITE as usize,
+        ) {
+            Ok(rings) => {
+                tracing::info!(
+                    queues = rings.queues,
+                    per_queue,
+                    "serving over io_uring, one queue per CPU"
+                );
+                mounted.rings = Some(rings);
+                return Ok(mounted);
+            }
+            // Some queues may hold entries already, and the kernel may then route
+            // requests to a queue that has none: this connection is given up (dropping
+            // it detaches the mount, which nothing uses yet).
+            Err(e) if options.io_uring == IoUringMode::On => {
+                return Err(MountError::IoUring(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring did not start; mounting again over /dev/fuse");
+            }
+        }
+    }
+    mount_once(&backing, &mountpoint, options, None).map(|(mounted, _)| mounted)
+}
+
+/// One mount with a fresh `PassthroughFs`; `uring` makes INIT ask for io_uring.
+fn mount_once(
+    backing: &Path,
+    mountpoint: &Path,
+    options: &MountOptions,
+    uring: Option<Arc<uring::Negotiation>>,
+) -> Result<(Mounted, OwnedFd), MountError> {
     let fs = Arc::new(
-        PassthroughFs::new(&backing).map_err(|e| MountError::Backing {
-            path: backing.clone(),
+        PassthroughFs::new(backing).map_err(|e| MountError::Backing {
+            path: backing.into(),
             error: e,
         })?,
     );
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(options.fsname.clone()),
-        MountOption::Subtype("hotbackup".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
     config.acl = SessionACL::All;
     config.n_threads = Some(options.threads.max(1));
     config.clone_fd = true;
-    let adapter = FuseAdapter::new(fs.clone());
-    let session = match &options.block_device {
-        None => fuser::spawn_mount(adapter, &mountpoint, &config),
+    let adapter = FuseAdapter::new(fs.clone(), uring);
+    let (source, fstype, device, block_size) = match &options.block_device {
+        None => (options.fsname.clone(), "fuse.hotbackup", None, None),
         Some(block) => {
             let device = LoopDevice::create(&block.file, block.block_size)
                 .map_err(MountError::BlockDevice)?;
-            mount_fuseblk(adapter, &mountpoint, device, block.block_size, config)
+            let source = device.path().to_string_lossy().into_owned();
+            let size = Some(block.block_size);
+            (source, "fuseblk.hotbackup", Some(device), size)
         }
-    }
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => MountError::NotPermitted(e.to_string()),
-        _ => MountError::Mount {
-            mountpoint: mountpoint.clone(),
-            error: e,
-        },
-    })?;
-    Ok(Mounted {
+    };
+    let (session, dev) = mount_fd(adapter, mountpoint, &source, fstype, block_size, config)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => MountError::NotPermitted(e.to_string()),
+            _ => MountError::Mount {
+                mountpoint: mountpoint.into(),
+                error: e,
+            },
+        })?;
+    // The mount holds the device now; it detaches itself when the mount goes.
+    drop(device);
+    let mounted = Mounted {
         fs,
-        mountpoint,
+        mountpoint: mountpoint.into(),
         session: Some(session),
-    })
+        rings: None,
+    };
+    Ok((mounted, dev))
 }
 
-/// fuser mounts only plain `fuse`, so a `fuseblk` mount is made here: mount(2) with the
-/// loop device as the source and a /dev/fuse fd, then fuser serves that fd.
-fn mount_fuseblk(
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// Mounts with mount(2) and a /dev/fuse fd of our own (fuser's own mounting knows
+/// neither `fuseblk` nor io_uring, which needs the fd), then fuser serves a clone of it.
+/// Returns the session and the fd, for the rings.
+fn mount_fd(
     adapter: FuseAdapter,
     mountpoint: &Path,
-    device: LoopDevice,
-    block_size: u32,
+    source: &str,
+    fstype: &str,
+    block_size: Option<u32>,
     config: Config,
-) -> io::Result<BackgroundSession> {
-    use std::os::fd::{AsRawFd, OwnedFd};
+) -> io::Result<(BackgroundSession, OwnedFd)> {
     use std::os::unix::fs::MetadataExt;
     let fuse = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")?;
-    let data = format!(
-        "fd={},rootmode={:o},user_id={},group_id={},blksize={block_size},allow_other,default_permissions",
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},allow_other,default_permissions",
         fuse.as_raw_fd(),
         fs::metadata(mountpoint)?.mode(),
         nix::unistd::getuid(),
         nix::unistd::getgid(),
     );
+    if let Some(size) = block_size {
+        data.push_str(&format!(",blksize={size}"));
+    }
     nix::mount::mount(
-        Some(device.path()),
+        Some(source),
         mountpoint,
-        Some("fuseblk.hotbackup"),
+        Some(fstype),
         nix::mount::MsFlags::empty(),
         Some(data.as_str()),
     )?;
-    // The mount holds the device now; it detaches itself when the mount goes.
-    drop(device);
-    let session = fuser::Session::from_fd(adapter, OwnedFd::from(fuse), SessionACL::All, config)
-        .and_then(fuser::Session::spawn);
-    if session.is_err() {
-        // The fd is closed, so the connection is gone and the unmount does not wait on it.
-        let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+    let dev = OwnedFd::from(fuse);
+    let session = dev.try_clone().and_then(|fd| {
+        fuser::Session::from_fd(adapter, fd, SessionACL::All, config)
+            .and_then(fuser::Session::spawn)
+    });
+    match session {
+        Ok(s) => Ok((s, dev)),
+        Err(e) => {
+            // Closing the fds ends the connection, so the unmount does not wait on it.
+            drop(dev);
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            Err(e)
+        }
     }
-    session
 }
 
 impl Mounted {
@@ -315,6 +405,20 @@ impl Mounted {
     pub fn join(&mut self) {
         if let Some(Err(e)) = self.session.take().map(|s| s.join()) {
             tracing::warn!(error = %e, "FUSE session ended with an error");
+        }
+        if let Some(rings) = self.rings.take() {
+            rings.join(Duration::from_secs(5));
+        }
+    }
+
+    /// How requests reach the agent, for logs and `status`.
+    pub fn transport(&self) -> String {
+        match &self.rings {
+            Some(r) => format!(
+                "io_uring ({} queues, one per CPU, {} threads each)",
+                r.queues, r.per_queue
+            ),
+            None => "/dev/fuse".into(),
         }
     }
 

@@ -77,6 +77,9 @@ fn print_status(s: &AgentStatus) {
     println!("mountpoint  {}", s.mountpoint.display());
     println!("socket      {}", s.socket.display());
     println!("threads     {}", s.threads);
+    if !s.transport.is_empty() {
+        println!("transport   {}", s.transport);
+    }
     println!(
         "inodes      {} known to the kernel, {} files/dirs open",
         s.inodes, s.open_handles

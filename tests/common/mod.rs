@@ -271,6 +271,21 @@ impl Drop for Agent {
     }
 }
 
+/// The transport every agent of this run uses unless a test picks one:
+/// `HOTBACKUP_TEST_IO_URING=off` runs a suite over /dev/fuse (scripts/test does, for the
+/// passthrough's edge cases), otherwise the agent's default (io_uring where the kernel
+/// has it).
+pub fn test_transport() -> Option<String> {
+    std::env::var("HOTBACKUP_TEST_IO_URING").ok()
+}
+
+fn transport_args(extra: &[&str]) -> Vec<String> {
+    match test_transport() {
+        Some(mode) if !extra.contains(&"--io-uring") => vec!["--io-uring".into(), mode],
+        _ => Vec::new(),
+    }
+}
+
 fn spawn_agent(
     backing: &Path,
     mountpoint: &Path,
@@ -286,6 +301,7 @@ fn spawn_agent(
         .arg(mountpoint)
         .arg("--socket")
         .arg(socket)
+        .args(transport_args(extra))
         .args(extra)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

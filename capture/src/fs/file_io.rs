@@ -50,17 +50,24 @@ impl PassthroughFs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let handle = self.handle(fh)?;
         let mut buf = vec![0u8; size as usize];
+        let n = self.read_into(fh, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads into `buf` (the io_uring transport's payload buffer); returns the count,
+    /// short at the end of the file.
+    pub fn read_into(&self, fh: u64, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
+        let handle = self.handle(fh)?;
         let direct = Self::goes_direct(&handle, offset, buf.len());
-        let n = match direct.then(|| direct::pread(handle.fd(), &mut buf, offset)) {
+        let n = match direct.then(|| direct::pread(handle.fd(), buf, offset)) {
             Some(Err(e)) if !direct::refused(e) => return Err(e.into()),
             Some(Ok(n)) => n,
-            _ => sys::pread_full(self.buffered_fd(&handle)?, &mut buf, offset)?,
+            _ => sys::pread_full(self.buffered_fd(&handle)?, buf, offset)?,
         };
-        buf.truncate(n);
         self.stats.read_bytes(n);
-        Ok(buf)
+        Ok(n)
     }
 
     /// Writes `data` at `offset`. `kill_suidgid`: the kernel asks us to drop set-id bits,
