@@ -18,6 +18,7 @@ mod dispatch;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -292,9 +293,21 @@ impl Entry {
             .try_into()
             .expect("128 bytes");
         let payload = self.payload.slice();
-        let (error, len) = match dispatch::dispatch(fs, &h, &op_in, payload, in_len) {
-            Ok(n) => (0i32, n),
-            Err(errno) => (-errno, 0),
+        // `serve` already turns a panic in the filesystem into EIO; this catches one in
+        // the decoding, which would otherwise end the thread and leave its queue short.
+        let answer = catch_unwind(AssertUnwindSafe(|| {
+            dispatch::dispatch(fs, &h, &op_in, payload, in_len)
+        }));
+        let (error, len) = match answer {
+            Ok(Ok(n)) => (0i32, n),
+            Ok(Err(errno)) => (-errno, 0),
+            Err(_) => {
+                tracing::error!(
+                    opcode = h.opcode,
+                    "panic while decoding a request; answered EIO"
+                );
+                (-libc::EIO, 0)
+            }
         };
         let mut out = abi::Out::new(&mut self.header[..abi::OUT_HEADER_LEN]);
         out.u32((abi::OUT_HEADER_LEN + len) as u32);
