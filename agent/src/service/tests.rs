@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Whether `text` has `line` as one of its lines.
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l == line)
+}
+
 fn options(mountpoint: &str) -> ServiceOptions {
     ServiceOptions {
         mountpoint: mountpoint.into(),
@@ -45,7 +50,7 @@ fn template_runs_the_given_binary_as_a_notify_service() {
         "DeviceAllow=/dev/fuse rw",
         "DeviceAllow=block-loop rw",
     ] {
-        assert!(t.lines().any(|l| l == line), "missing {line}");
+        assert!(has_line(&t, line), "missing {line}");
     }
     let caps = t
         .lines()
@@ -84,23 +89,19 @@ fn units_for_a_mountpoint_name_its_instance_everywhere() {
             "etc/systemd/system/mariadb.service.d/hotbackup.conf",
         ]
     );
-    assert!(
-        files[1]
-            .text
-            .lines()
-            .any(|l| l == "HOTBACKUP_BACKING=\"/var/lib/mysql.backing\"")
-    );
+    assert!(has_line(
+        &files[1].text,
+        "HOTBACKUP_BACKING=\"/var/lib/mysql.backing\""
+    ));
     let dropin = &files[2].text;
-    assert!(
-        dropin
-            .lines()
-            .any(|l| l == "Requires=hotbackup-agent@var-lib-mysql.service")
-    );
-    assert!(
-        dropin
-            .lines()
-            .any(|l| l == "After=hotbackup-agent@var-lib-mysql.service")
-    );
+    assert!(has_line(
+        dropin,
+        "Requires=hotbackup-agent@var-lib-mysql.service"
+    ));
+    assert!(has_line(
+        dropin,
+        "After=hotbackup-agent@var-lib-mysql.service"
+    ));
 }
 
 #[test]
@@ -146,23 +147,16 @@ fn a_timer_adds_the_scheduled_backup_after_the_server_and_its_agent() {
     o.timer = Some("*-*-* 02:30:00".into());
     let files = units(&o, Path::new("/usr/bin/hotbackup")).unwrap();
     let service = &files[3].text;
-    assert!(
-        service
-            .lines()
-            .any(|l| l == "ExecStart=\"/usr/bin/hotbackup\" backup --progress=none")
-    );
-    assert!(
-        service
-            .lines()
-            .any(|l| l == "After=mariadb.service hotbackup-agent@var-lib-mysql.service")
-    );
+    assert!(has_line(
+        service,
+        "ExecStart=\"/usr/bin/hotbackup\" backup --progress=none"
+    ));
+    assert!(has_line(
+        service,
+        "After=mariadb.service hotbackup-agent@var-lib-mysql.service"
+    ));
     assert!(!service.lines().any(|l| l.starts_with("Requires=")));
-    assert!(
-        files[4]
-            .text
-            .lines()
-            .any(|l| l == "OnCalendar=*-*-* 02:30:00")
-    );
+    assert!(has_line(&files[4].text, "OnCalendar=*-*-* 02:30:00"));
     o.timer = Some("daily\nExecStart=/bin/sh".into());
     assert!(matches!(
         units(&o, Path::new("/usr/bin/hotbackup")),
