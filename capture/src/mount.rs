@@ -257,13 +257,14 @@ pub fn mount(
                 return Ok(mounted);
             }
             // Some queues may hold entries already, and the kernel may then route
-            // requests to a queue that has none: this connection is given up (dropping
-            // it detaches the mount, which nothing uses yet).
+            // requests to a queue that has none: this connection is given up.
             Err(e) if options.io_uring == IoUringMode::On => {
+                mounted.abandon();
                 return Err(MountError::IoUring(e.to_string()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "io_uring did not start; mounting again over /dev/fuse");
+                mounted.abandon();
             }
         }
     }
@@ -409,6 +410,14 @@ impl Mounted {
         if let Some(rings) = self.rings.take() {
             rings.join(Duration::from_secs(5));
         }
+    }
+
+    /// Gives up a connection whose rings did not all start: aborts it (MNT_FORCE makes
+    /// FUSE fail every request in flight or to come, where a queue without entries would
+    /// hang them) and detaches the mount.
+    fn abandon(self) {
+        use nix::mount::{MntFlags, umount2};
+        let _ = umount2(&self.mountpoint, MntFlags::MNT_FORCE | MntFlags::MNT_DETACH);
     }
 
     /// How requests reach the agent, for logs and `status`.

@@ -111,7 +111,7 @@ pub fn start(
     let queues = possible_cpus()?;
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::new();
-    let mut expected = 0;
+    let mut first_error = None;
     let per_queue = per_queue.max(1);
     // Fault injection for tests: this queue's entries are refused, after the queues
     // before it have registered theirs.
@@ -120,10 +120,9 @@ pub fn start(
         .and_then(|q| q.parse().ok());
     for qid in 0..queues {
         if refused == Some(qid) {
-            let _ = tx.send(Err(io::Error::other(format!(
+            first_error = Some(io::Error::other(format!(
                 "queue {qid} refused (HOTBACKUP_TEST_URING_REFUSE_QUEUE)"
-            ))));
-            expected += 1;
+            )));
             continue;
         }
         for n in 0..per_queue {
@@ -136,8 +135,7 @@ pub fn start(
         }
     }
     drop(tx);
-    let mut first_error = None;
-    for r in rx.iter().take(threads.len() + expected) {
+    for r in rx.iter().take(threads.len()) {
         if let Err(e) = r {
             first_error.get_or_insert(e);
         }
@@ -148,8 +146,9 @@ pub fn start(
             queues,
             per_queue,
         }),
-        // Threads that did register stay parked on their entries; the kernel keeps
-        // using /dev/fuse until every queue has one.
+        // Threads that did register stay parked on their entries, and the kernel may
+        // already route requests to the ring, where a queue without entries hangs
+        // them: the caller must give this connection up (see `mount`).
         Some(e) => Err(e),
     }
 }
@@ -220,56 +219,17 @@ impl Entry {
 
     fn serve(mut self, fs: &PassthroughFs, registered: mpsc::Sender<io::Result<()>>) {
         pin_to_cpu(self.qid as usize);
-        let mut ring = match IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(2)
-        {
+        let (mut ring, mut first) = match self.register() {
             Ok(r) => r,
             Err(e) => {
                 let _ = registered.send(Err(e));
                 return;
             }
         };
-        let mut next = self.command(abi::CMD_REGISTER, 0);
-        let mut registered = Some(registered);
+        let _ = registered.send(Ok(()));
         loop {
-            // SAFETY: the SQE points at `self.iov`, whose buffers live as long as `self`.
-            if unsafe { ring.submission().push(&next) }.is_err() {
-                tracing::error!("io_uring submission queue full");
+            let Some(res) = first.take().or_else(|| wait(&mut ring)) else {
                 return;
-            }
-            let res = loop {
-                if let Some(tx) = registered.take() {
-                    // A bad REGISTER completes at once; a good one waits for a request.
-                    match ring.submit() {
-                        Ok(_) => {}
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                    if let Some(cqe) = ring.completion().next() {
-                        if cqe.result() < 0 {
-                            let _ = tx.send(Err(io::Error::from_raw_os_error(-cqe.result())));
-                            return;
-                        }
-                        let _ = tx.send(Ok(()));
-                        break cqe.result();
-                    }
-                    let _ = tx.send(Ok(()));
-                }
-                match ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "io_uring wait failed; ring thread ends");
-                        return;
-                    }
-                }
-                if let Some(cqe) = ring.completion().next() {
-                    break cqe.result();
-                }
             };
             if res < 0 {
                 // ENOTCONN/ECANCELED: the connection is gone (unmount) or being torn down.
@@ -277,7 +237,33 @@ impl Entry {
                 return;
             }
             let commit_id = self.answer(fs);
-            next = self.command(abi::CMD_COMMIT_AND_FETCH, commit_id);
+            let next = self.command(abi::CMD_COMMIT_AND_FETCH, commit_id);
+            // SAFETY: the SQE points at `self.iov`, whose buffers live as long as `self`.
+            if unsafe { ring.submission().push(&next) }.is_err() {
+                tracing::error!("io_uring submission queue full");
+                return;
+            }
+        }
+    }
+
+    /// Makes the entry's ring and registers the entry. A bad REGISTER completes at once
+    /// with an error; a good one waits for a request, which may already be there (its
+    /// result is returned with the ring).
+    fn register(&self) -> io::Result<(Ring, Option<i32>)> {
+        let mut ring = Ring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(2)?;
+        let sqe = self.command(abi::CMD_REGISTER, 0);
+        // SAFETY: the SQE points at `self.iov`, whose buffers live as long as `self`.
+        if unsafe { ring.submission().push(&sqe) }.is_err() {
+            return Err(io::Error::other("io_uring submission queue full"));
+        }
+        ring.submit()?;
+        let first = ring.completion().next().map(|cqe| cqe.result());
+        match first {
+            Some(res) if res < 0 => Err(io::Error::from_raw_os_error(-res)),
+            first => Ok((ring, first)),
         }
     }
 
@@ -316,6 +302,25 @@ impl Entry {
         let at = abi::ENT_IN_OUT_AT + 16;
         self.header[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
         commit_id
+    }
+}
+
+type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+/// Submits what is queued and waits for the next completion; None when the ring fails.
+fn wait(ring: &mut Ring) -> Option<i32> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring wait failed; ring thread ends");
+                return None;
+            }
+        }
+        if let Some(cqe) = ring.completion().next() {
+            return Some(cqe.result());
+        }
     }
 }
 
