@@ -3,7 +3,10 @@
 //!
 //! When the agent dies, the kernel keeps the mount but every access to it fails with
 //! ENOTCONN ("Transport endpoint is not connected"), and a new mount on top of it is
-//! refused. So that `Restart=on-failure` actually recovers, the agent detaches such a
+//! refused. Over io_uring the kernel tears down the dead agent's rings after the process
+//! is gone, and a request in that moment fails with ECANCELED (it reached an entry whose
+//! thread had died) or ECONNABORTED (it was queued when the connection was aborted):
+//! the same dead mount, seen a moment earlier. So that `Restart=on-failure` actually recovers, the agent detaches such a
 //! mount itself; a live one (its agent answers, or the mount answers) is never touched.
 
 use std::io;
@@ -49,10 +52,17 @@ fn dead_mount(mountpoint: &Path, mounts: &[MountEntry]) -> Option<DeadMount> {
         return None;
     }
     match std::fs::symlink_metadata(&path) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Some(DeadMount {
-            mountpoint: path,
-            socket,
-        }),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOTCONN | libc::ECANCELED | libc::ECONNABORTED)
+            ) =>
+        {
+            Some(DeadMount {
+                mountpoint: path,
+                socket,
+            })
+        }
         _ => None,
     }
 }
