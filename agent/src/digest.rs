@@ -12,8 +12,10 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+
+use crate::sparse::next_data;
 
 /// The block the `b3z1` digest splits content into.
 pub const BLOCK: usize = 1 << 20;
@@ -271,35 +273,6 @@ fn read_range(
         at += n as u64;
     }
     Ok(())
-}
-
-/// The next range `[start, end)` at or after `at` that may hold data, or None when only a
-/// hole remains before `len`. A filesystem that cannot tell holes has data everywhere.
-fn next_data(fd: BorrowedFd<'_>, at: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
-    let start = match seek(fd, at, libc::SEEK_DATA) {
-        Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-            return Ok(Some((at, len)));
-        }
-        Err(e) => return Err(e),
-    };
-    if start >= len {
-        return Ok(None);
-    }
-    let end = seek(fd, start, libc::SEEK_HOLE)?;
-    Ok(Some((start, end.clamp(start + 1, len))))
-}
-
-fn seek(fd: BorrowedFd<'_>, off: u64, whence: libc::c_int) -> io::Result<u64> {
-    // SAFETY: lseek on a descriptor the caller keeps open; the offset it moves is only
-    // used by positioned reads (pread), which ignore it.
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), off as libc::off_t, whence) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as u64)
-    }
 }
 
 /// The digest of bytes in memory.

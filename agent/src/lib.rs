@@ -23,6 +23,7 @@ pub mod replica;
 pub mod repo;
 pub mod restore;
 pub mod service;
+pub mod sparse;
 pub mod staged;
 pub mod stale;
 

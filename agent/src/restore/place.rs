@@ -14,6 +14,7 @@ use super::plan::{Method, RestorePlan};
 use super::{RestoreError, RestoreEvent};
 use crate::image::Image;
 use crate::manifest::{self, EntryKind};
+use crate::sparse;
 
 pub(super) struct Placed {
     pub files: u64,
@@ -192,25 +193,11 @@ fn copy_file(
 fn copy_data_ranges(from: &File, to: &File) -> io::Result<()> {
     let len = from.metadata()?.len();
     let (fi, fo) = (from.as_raw_fd(), to.as_raw_fd());
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on an open descriptor.
-        let start = unsafe { libc::lseek(fi, pos, libc::SEEK_DATA) };
-        if start < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // only a hole remains
-            }
-            return Err(e);
-        }
-        // SAFETY: as above.
-        let end = unsafe { libc::lseek(fi, start, libc::SEEK_HOLE) };
-        if end < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let (mut off_in, mut off_out) = (start, start);
-        while off_in < end {
-            let want = (end - off_in).min(1 << 30) as usize;
+    let mut pos = 0;
+    while let Some((start, end)) = sparse::next_data(from.as_fd(), pos, len)? {
+        let (mut off_in, mut off_out) = (start as i64, start as i64);
+        while off_in < end as i64 {
+            let want = (end as i64 - off_in).min(1 << 30) as usize;
             // SAFETY: copy_file_range between two open descriptors with our offsets.
             let n = unsafe { libc::copy_file_range(fi, &mut off_in, fo, &mut off_out, want, 0) };
             if n < 0 {
@@ -219,7 +206,7 @@ fn copy_data_ranges(from: &File, to: &File) -> io::Result<()> {
                 // through a buffer instead.
                 match e.raw_os_error() {
                     Some(libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
-                        copy_through_buffer(from, to, off_in as u64, end as u64)?;
+                        copy_through_buffer(from, to, off_in as u64, end)?;
                         break;
                     }
                     _ => return Err(e),
