@@ -6,8 +6,9 @@
 //! refused. Over io_uring the kernel tears down the dead agent's rings after the process
 //! is gone, and a request in that moment fails with ECANCELED (it reached an entry whose
 //! thread had died) or ECONNABORTED (it was queued when the connection was aborted):
-//! the same dead mount, seen a moment earlier. So that `Restart=on-failure` actually recovers, the agent detaches such a
-//! mount itself; a live one (its agent answers, or the mount answers) is never touched.
+//! the same dead mount, seen a moment earlier. So that `Restart=on-failure` actually
+//! recovers, the agent detaches such a mount itself; a live one (its agent answers, or
+//! the mount answers) is never touched.
 
 use std::io;
 use std::os::unix::net::UnixStream;
