@@ -194,29 +194,35 @@ fn timespec_of(t: Option<TimeOrNow>) -> libc::timespec {
             tv_sec: 0,
             tv_nsec: libc::UTIME_NOW,
         },
-        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => libc::timespec {
-                tv_sec: d.as_secs() as libc::time_t,
-                tv_nsec: d.subsec_nanos() as libc::c_long,
-            },
-            Err(e) => {
-                let d = e.duration();
-                let mut sec = -(d.as_secs() as i64);
-                let mut nsec = d.subsec_nanos() as i64;
-                if nsec > 0 {
-                    sec -= 1;
-                    nsec = 1_000_000_000 - nsec;
-                }
-                libc::timespec {
-                    tv_sec: sec as libc::time_t,
-                    tv_nsec: nsec as libc::c_long,
-                }
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let (sec, nsec) = since_epoch(t);
+            libc::timespec {
+                tv_sec: sec as libc::time_t,
+                tv_nsec: nsec as libc::c_long,
             }
-        },
+        }
     }
 }
 
-fn system_time(sec: i64, nsec: i64) -> SystemTime {
+/// Seconds and nanoseconds since the epoch as a `timespec` holds them: a time before it
+/// has negative seconds and nanoseconds counted forward from there.
+pub(crate) fn since_epoch(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            (sec, nsec)
+        }
+    }
+}
+
+/// The time a `timespec` (or the kernel's seconds and nanoseconds) holds.
+pub(crate) fn system_time(sec: i64, nsec: i64) -> SystemTime {
     if sec >= 0 {
         UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
     } else {

@@ -13,6 +13,7 @@ mod file_io;
 
 use attr::kind_of_dtype;
 pub use attr::{XattrReply, attr_from_stat, kind_of_mode};
+pub(crate) use attr::{since_epoch, system_time};
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};

@@ -2,9 +2,11 @@
 //! and reply layouts (little-endian, as the kernel's `struct`s lie in memory on the
 //! platforms we run on), read and written field by field.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use fuser::{FileAttr, FileType};
+
+use crate::fs::{since_epoch, system_time};
 
 // Opcodes (include/uapi/linux/fuse.h).
 pub const LOOKUP: u32 = 1;
@@ -258,34 +260,20 @@ pub fn mode_bits(kind: FileType) -> u32 {
 /// Seconds and nanoseconds since the epoch, as the kernel's two's-complement u64 for a
 /// time before it.
 fn epoch(t: SystemTime) -> (u64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs(), d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
-            if nanos > 0 {
-                secs -= 1;
-                nanos = 1_000_000_000 - nanos;
-            }
-            (secs as u64, nanos)
-        }
-    }
+    let (sec, nsec) = since_epoch(t);
+    (sec as u64, nsec)
 }
 
 /// The time a `fuse_setattr_in` carries.
 pub fn time_of(secs: u64, nanos: u32) -> SystemTime {
-    let secs = secs as i64;
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nanos)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos.into())
-    }
+    system_time(secs as i64, nanos.into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use fuser::INodeNo;
+    use std::time::UNIX_EPOCH;
 
     fn attr() -> FileAttr {
         FileAttr {
