@@ -2,9 +2,10 @@
 //! (InnoDB data files), the backing file is opened with `O_DIRECT` too, so the data is
 //! cached once (in the buffer pool), as on a plain directory. The kernel hands us payloads
 //! at arbitrary memory addresses (over /dev/fuse; the io_uring transport's are
-//! page-aligned and written as they are), so I/O goes through a per-thread aligned bounce buffer;
-//! a request whose offset or length is not block-aligned, which `O_DIRECT` on the backing
-//! file would refuse, goes through a buffered fd on the same file instead.
+//! page-aligned and written as they are), so I/O goes through a per-thread aligned
+//! bounce buffer; a request whose offset or length is not block-aligned, which
+//! `O_DIRECT` on the backing file would refuse, goes through a buffered fd on the same
+//! file instead.
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::cell::RefCell;

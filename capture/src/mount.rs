@@ -3,10 +3,9 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use fuser::{BackgroundSession, Config, SessionACL};
